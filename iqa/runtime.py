@@ -1,0 +1,334 @@
+"""Shared run-time helpers for every entry script.
+
+One place for: user-facing errors, safe checkpoint I/O (atomic writes, ``weights_only``
+loads), run directories and their logs, device / mixed-precision selection, DDP set-up from
+torchrun's environment variables, seeding and RNG state, and the per-iteration cosine
+schedule.  Entry scripts stay thin by importing from here.
+"""
+import contextlib
+import datetime
+import json
+import math
+import os
+import pickle
+import random
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class UserError(Exception):
+    """An expected mistake (bad flag, missing file, ...): reported in one line, no traceback."""
+
+
+def run_cli(main, args):
+    """Run ``main(args)``; expected mistakes exit with status 2 and a one-line message."""
+    try:
+        return main(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- file I/O
+
+def _atomic_write(path, write_fn, mode):
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    """``torch.save`` through a temp file + rename: a kill mid-save leaves the old file intact."""
+    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def atomic_write_text(path, text):
+    _atomic_write(path, lambda f: f.write(text), "w")
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
+
+
+def append_jsonl(path, record):
+    """Append one JSON line (``log.jsonl``); flushed and fsynced so a kill loses no epoch."""
+    with open(path, "a") as f:
+        f.write(json.dumps(to_jsonable(record)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def to_jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def safe_load(path, what="checkpoint"):
+    """``torch.load(path, weights_only=True)`` with one-line errors.
+
+    A file that needs arbitrary unpickling (code objects, custom classes) is refused: nothing
+    in it runs, because the weights-only unpickler never imports or calls anything.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{what} '{path}' does not exist; check the path")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{what} '{path}' is empty (0 bytes); it was not saved completely")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"refusing to load {what} '{path}': it needs arbitrary unpickling, which could run "
+            f"code ({first[:160]}); only plain tensors/dicts saved by this project are accepted"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read {what} '{path}': {first[:200]}; is it a complete torch.save file?") from None
+
+
+# ----------------------------------------------------------------------------- run directories
+
+def timestamp():
+    return datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
+
+
+def prepare_output_dir(path, resume=False):
+    """Create a run directory; refuse one that already holds a run unless resuming."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--output_dir '{path}' exists and is not a directory; choose another path")
+    if not resume and os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, name)) for name in ("args.json", "log.jsonl", "results.json", "last.pt")
+    ):
+        raise UserError(
+            f"--output_dir '{path}' already holds a run; choose a new directory or pass --resume {path}"
+        )
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as err:
+        raise UserError(f"output directory '{path}' is not writable ({err.strerror}); pass a writable --output_dir") from None
+    return path
+
+
+def save_args(run_dir, args):
+    atomic_write_json(os.path.join(run_dir, "args.json"), vars(args))
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def resolve_device(name, local_rank=0):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was requested but no CUDA GPU is visible; use --device cpu")
+        return torch.device("cuda", local_rank)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"--device '{name}' is not one of auto, cuda, cpu")
+
+
+def init_distributed(device_flag="auto"):
+    """Set up DDP from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK); single process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_flag, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info):
+    if info.enabled:
+        dist.barrier()
+
+
+def all_gather_cat(tensor, info):
+    """Concatenate a 1-D/2-D tensor of possibly different length from every rank."""
+    if not info.enabled:
+        return tensor
+    n = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(n) for _ in range(info.world_size)]
+    dist.all_gather(sizes, n)
+    max_n = int(max(s.item() for s in sizes))
+    padded = torch.zeros((max_n, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.zeros_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)])
+
+
+def all_reduce_mean(values, info):
+    """Average a dict of floats over ranks (for logging)."""
+    if not info.enabled:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    t /= info.world_size
+    return dict(zip(keys, t.tolist()))
+
+
+# ----------------------------------------------------------------------------- precision
+
+def amp_dtype(amp, device):
+    """``--amp`` flag -> autocast dtype (None = off). ``auto`` means bf16 on CUDA, off on CPU."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def autocast(device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(device, dtype):
+    """A loss scaler is only needed for fp16; disabled otherwise (its state still round-trips)."""
+    return torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16 and device.type == "cuda"))
+
+
+def make_adamw(param_groups, device, **kwargs):
+    """AdamW, fused on CUDA (one kernel for all parameters)."""
+    return torch.optim.AdamW(param_groups, fused=(device.type == "cuda"), **kwargs)
+
+
+def to_model_input(images_uint8, device, channels_last=False):
+    """uint8 N×3×H×W (any device) -> ImageNet-normalised float on ``device``."""
+    x = images_uint8.to(device, non_blocking=True).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# ----------------------------------------------------------------------------- schedule / RNG
+
+def cosine_schedule(optimizer, total_steps, final_ratio, warmup_steps=0):
+    """Per-iteration cosine from each group's own LR down to ``final_ratio`` × that LR."""
+    total_steps = max(1, int(total_steps))
+
+    def factor(step):
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_everything(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def rng_state():
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return _rng_to_tensors(state)
+
+
+def set_rng_state(state):
+    random.setstate(_python_rng_from_tensor(state["python"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def _rng_to_tensors(state):
+    # weights_only loads accept tensors and plain containers, so RNG states are stored as such.
+    version, internal, gauss = state["python"]
+    np_state = state["numpy"]
+    out = {
+        "python": torch.tensor([version, *internal], dtype=torch.int64),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": state["torch"],
+    }
+    if "cuda" in state:
+        out["cuda"] = state["cuda"]
+    return out
+
+
+def _python_rng_from_tensor(t):
+    values = t.tolist()
+    return (values[0], tuple(values[1:]), None)
