@@ -1,0 +1,91 @@
+"""Stage-1 quality encoder: Swin backbone + projection head into the CLIP text space.
+
+The encoder maps an image to a vector comparable with the frozen CLIP prompt anchors
+(``models/clip_text.py``).  ``score`` turns that comparison into a zero-shot quality in [0, 1],
+so Stage 1 can be evaluated against MOS before any fine-tuning.  ``checkpoint_dict`` /
+``from_checkpoint`` define the Stage-1 ``.pkl`` (DESIGN §3.5): a plain dict of tensors and
+strings that loads with ``torch.load(weights_only=True)`` and whose ``encoder`` entry is a timm
+Swin state dict with timm's own key names, so Stage 2 (or plain timm) can load it directly.
+"""
+import torch.nn.functional as F
+from torch import nn
+
+from iqa.runtime import UserError
+from models.swin_backbone import SwinBackbone, load_swin_weights
+
+ENCODER_FORMAT = "qualiclip-swin-encoder/1"
+# CLIP's logit scale: turns cosine similarities into a sharp two-way softmax.
+CLIP_LOGIT_SCALE = 100.0
+
+
+def zero_shot_score(image_features, text_features):
+    """softmax(100 * [cos_pos, cos_neg])[..., 0]: probability of the positive prompt, in [0, 1]."""
+    image_features = F.normalize(image_features.float(), dim=-1)
+    text_features = F.normalize(text_features.to(image_features), dim=-1)
+    logits = CLIP_LOGIT_SCALE * image_features @ text_features.t()
+    return logits.softmax(dim=-1)[..., 0]
+
+
+class QualityEncoder(nn.Module):
+    """Swin -> global average pool of the last stage -> MLP projection to ``text_dim``."""
+
+    def __init__(self, model_size="base", text_dim=1024, imagenet_pretrained=True, backbone_weights=None,
+                 proj_hidden=None, drop_path_rate=0.0):
+        super().__init__()
+        self.model_size = model_size
+        self.backbone = SwinBackbone(model_size, imagenet_pretrained, backbone_weights, drop_path_rate)
+        features = self.backbone.num_features
+        proj_hidden = proj_hidden or features
+        self.projection = nn.Sequential(
+            nn.Linear(features, proj_hidden),
+            nn.GELU(),
+            nn.Linear(proj_hidden, text_dim),
+        )
+
+    def forward(self, x):
+        last_stage = self.backbone(x)[-1]
+        return self.projection(last_stage.mean(dim=(2, 3)))
+
+    def encode_views(self, views):
+        """(B, 2, L, 3, H, W) crops x levels -> (B, 2, L, D), in one backbone pass."""
+        batch, crops, levels = views.shape[:3]
+        features = self(views.flatten(0, 2))
+        return features.view(batch, crops, levels, -1)
+
+    def score(self, x, text_features):
+        """Zero-shot quality in [0, 1] against the (2, D) prompt anchors (row 0 positive)."""
+        return zero_shot_score(self(x), text_features)
+
+    def checkpoint_dict(self, text_features, prompts, args_dict):
+        """The Stage-1 ``.pkl`` content: plain containers of CPU tensors, strings and numbers."""
+        def cpu_state(module):
+            return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+        return {
+            "format": ENCODER_FORMAT,
+            "model_size": self.model_size,
+            "encoder": cpu_state(self.backbone.swin),
+            "projection": cpu_state(self.projection),
+            "text_features": text_features.detach().float().cpu(),
+            "prompts": [list(pair) for pair in prompts],
+            "args": dict(args_dict),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, source):
+        """Rebuild the encoder of a Stage-1 checkpoint dict -> ``(model, text_features)``."""
+        if not isinstance(ckpt, dict) or ckpt.get("format") != ENCODER_FORMAT:
+            found = ckpt.get("format", "no 'format' key") if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise UserError(f"'{source}' is not a Stage-1 encoder checkpoint (format {found!r}, "
+                            f"expected {ENCODER_FORMAT!r}); pass a .pkl written by pretrain_qualiclip.py")
+        projection = ckpt["projection"]
+        text_features = ckpt["text_features"].float()
+        model = cls(ckpt["model_size"], text_dim=text_features.shape[1], imagenet_pretrained=False,
+                    proj_hidden=projection["0.weight"].shape[0])
+        load_swin_weights(model.backbone.swin, ckpt["encoder"], source, ckpt["model_size"])
+        try:
+            model.projection.load_state_dict(projection)
+        except RuntimeError as err:
+            raise UserError(f"'{source}' has a projection head that does not fit its own encoder "
+                            f"({str(err).splitlines()[0][:160]}); the checkpoint is corrupt") from None
+        return model, text_features

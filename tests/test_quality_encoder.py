@@ -1,0 +1,76 @@
+"""QualityEncoder: shapes, zero-shot score, Stage-1 checkpoint round trip and timm compatibility."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iqa.runtime import UserError
+from models.quality_encoder import ENCODER_FORMAT, QualityEncoder
+from models.swin_backbone import create_swin
+
+TEXT_DIM = 16
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return QualityEncoder("nano", text_dim=TEXT_DIM, imagenet_pretrained=False, proj_hidden=24).eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+def test_forward_and_views_shapes(encoder):
+    views = torch.randn(1, 2, 2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        features = encoder.encode_views(views)
+        single = encoder(views[0, 1, 0][None])
+    assert features.shape == (1, 2, 2, TEXT_DIM)
+    # View (b=0, crop=1, level=0) lands at its own index after the flatten/reshape.
+    torch.testing.assert_close(features[0, 1, 0], single[0], atol=1e-5, rtol=1e-4)
+
+
+def test_score_is_two_way_softmax(encoder, images):
+    text = torch.randn(2, TEXT_DIM, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        scores = encoder.score(images, text)
+        features = encoder(images)
+    cos_pos = F.cosine_similarity(features, text[0:1], dim=-1)
+    cos_neg = F.cosine_similarity(features, text[1:2], dim=-1)
+    expected = torch.exp(100 * cos_pos) / (torch.exp(100 * cos_pos) + torch.exp(100 * cos_neg))
+    assert scores.shape == (2,)
+    assert ((scores >= 0) & (scores <= 1)).all()
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_checkpoint_round_trip(encoder, images, tmp_path):
+    text = torch.randn(2, TEXT_DIM)
+    prompts = [("Good photo.", "Bad photo.")]
+    path = tmp_path / "enc.pkl"
+    torch.save(encoder.checkpoint_dict(text, prompts, {"epochs": 3}), path)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["format"] == ENCODER_FORMAT and ckpt["model_size"] == "nano"
+    assert ckpt["prompts"] == [["Good photo.", "Bad photo."]] and ckpt["args"] == {"epochs": 3}
+
+    restored, restored_text = QualityEncoder.from_checkpoint(ckpt, str(path))
+    restored.eval()
+    torch.testing.assert_close(restored_text, text, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(images), encoder(images), atol=0, rtol=0)
+
+
+def test_encoder_state_dict_loads_into_plain_timm_swin(encoder, images):
+    ckpt = encoder.checkpoint_dict(torch.randn(2, TEXT_DIM), [], {})
+    swin = create_swin("nano").eval()
+    swin.load_state_dict(ckpt["encoder"], strict=True)
+    with torch.no_grad():
+        pooled = swin(images)  # timm: final norm + global average pool, no head
+        torch.testing.assert_close(pooled, encoder.backbone(images)[-1].mean(dim=(2, 3)), atol=1e-5, rtol=1e-4)
+
+
+def test_from_checkpoint_rejects_other_formats():
+    with pytest.raises(UserError, match="not a Stage-1 encoder checkpoint"):
+        QualityEncoder.from_checkpoint({"format": "something-else/2"}, "other.pkl")
+    with pytest.raises(UserError, match="not a Stage-1 encoder checkpoint"):
+        QualityEncoder.from_checkpoint({"patch_embed.proj.weight": torch.zeros(1)}, "bare.pth")
