@@ -1,0 +1,57 @@
+"""tools/make_demo_data.py: its folders read back through iqa.datasets with sensible scores."""
+import csv
+import importlib.util
+import os
+
+import pytest
+from scipy import stats
+
+from iqa.datasets import load_rgb, read_index, select_split
+from iqa.runtime import UserError
+
+_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "make_demo_data.py")
+_spec = importlib.util.spec_from_file_location("make_demo_data", _TOOL)
+make_demo_data = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_demo_data)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo_data"
+    return out, make_demo_data.build_demo(out, n_koniq=12, n_others=8, seed=0)
+
+
+def test_every_demo_dataset_reads_back_with_mos_tracking_the_degradation(demo):
+    out, roots = demo
+    with open(out / "demo_truth.csv", newline="") as f:
+        strength = {(row["dataset"], row["image"]): float(row["strength"]) for row in csv.DictReader(f)}
+    assert set(roots) == {"koniq-10k", "spaq", "kadid-10k", "agiqa-3k", "livec"}
+    for name, root in roots.items():
+        samples = read_index(name, root)
+        assert len(samples) == (12 if name == "koniq-10k" else 8)
+        for split in ("train", "val", "test"):
+            assert select_split(samples, split, name)
+        known = [strength[(name, os.path.relpath(s.path, root))] for s in samples]
+        rho = stats.spearmanr(known, [s.mos for s in samples]).statistic
+        assert rho < -0.8, (name, rho)
+        assert load_rgb(samples[0].path, samples[0].origin).size in {(512, 384), (640, 480), (500, 500)}
+    assert "synthetic" in (out / "README.txt").read_text().lower()
+
+
+def test_demo_is_idempotent_and_rebuilds_on_force(demo):
+    out, _ = demo
+    marker = out / make_demo_data.SETTINGS_FILE
+    before = marker.stat().st_mtime_ns
+    make_demo_data.build_demo(out, n_koniq=12, n_others=8, seed=0)
+    assert marker.stat().st_mtime_ns == before
+    assert make_demo_data.is_complete(str(out), make_demo_data.demo_settings(12, 8, 0, (512, 384)))
+    assert not make_demo_data.is_complete(str(out), make_demo_data.demo_settings(12, 8, 1, (512, 384)))
+    make_demo_data.build_demo(out, n_koniq=12, n_others=8, seed=0, force=True)
+    assert marker.stat().st_mtime_ns != before
+
+
+def test_demo_refuses_to_replace_a_foreign_folder(tmp_path):
+    (tmp_path / "mine.txt").write_text("user data")
+    with pytest.raises(UserError, match="is not a demo folder"):
+        make_demo_data.build_demo(tmp_path, n_koniq=4, n_others=4)
+    assert (tmp_path / "mine.txt").exists()
