@@ -77,13 +77,16 @@ def plcc_logistic(pred, mos):
 
     Predictions are standardised before the fit so that the initial guess (b1 = max MOS,
     b2 = min MOS, b3 = 0, b4 = 1) is well scaled for any model output range.  If the fit
-    does not converge or yields a non-finite / constant mapping, the raw PLCC is returned.
+    does not converge or yields a non-finite / constant mapping, or there are fewer samples than
+    the curve's 4 parameters, the raw PLCC is returned.
     As in VQEG practice the mapping absorbs the sign: a score that falls as MOS rises is fitted
     by a decreasing curve and its fitted PLCC is positive.
     """
     pred, mos = _pair(pred, mos)
     if _is_constant(pred) or _is_constant(mos):
         return 0.0
+    if pred.size < 4:
+        return _pearson(pred, mos)
     x = (pred - pred.mean()) / pred.std()
     # Start with the orientation of the linear trend so a negatively related score can fit too.
     hi, lo = (mos.max(), mos.min()) if _pearson(x, mos) >= 0 else (mos.min(), mos.max())

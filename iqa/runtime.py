@@ -262,12 +262,21 @@ def make_adamw(param_groups, device, **kwargs):
     return torch.optim.AdamW(param_groups, fused=(device.type == "cuda"), **kwargs)
 
 
-def to_model_input(images_uint8, device, channels_last=False):
-    """uint8 N×3×H×W (any device) -> ImageNet-normalised float on ``device``."""
-    x = images_uint8.to(device, non_blocking=True).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    x = (x - mean) / std
+_NORMALISATION = {}
+
+
+def _normalisation(device):
+    """ImageNet mean/std on ``device``, built once per device (no host-to-device copy per step)."""
+    if device not in _NORMALISATION:
+        _NORMALISATION[device] = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255.0
+                                       for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return _NORMALISATION[device]
+
+
+def to_model_input(images, device, channels_last=False):
+    """uint8 (or float 0..255) N×3×H×W on any device -> ImageNet-normalised float32 on ``device``."""
+    mean, std = _normalisation(torch.device(device))
+    x = (images.to(device, non_blocking=True).float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -332,3 +341,32 @@ def _rng_to_tensors(state):
 def _python_rng_from_tensor(t):
     values = t.tolist()
     return (values[0], tuple(values[1:]), None)
+
+
+# ----------------------------------------------------------------------------- appended helpers
+
+def atomic_write_binary(path, write_fn):
+    """``write_fn(f)`` into a binary temp file beside ``path``, then rename it over ``path``."""
+    _atomic_write(path, write_fn, "wb")
+
+
+def broadcast_object(obj, info):
+    """Rank 0's ``obj`` on every rank (e.g. a timestamped run directory); identity without DDP."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# Flags that may differ between a run and its resumption: where/how it runs, not what it computes.
+RESUME_OVERRIDABLE = ("resume", "device", "num_workers")
+
+
+def restore_args(args, saved):
+    """Continue a run with its own saved settings; only ``RESUME_OVERRIDABLE`` flags come from the command line."""
+    merged = dict(saved)
+    merged.update({k: getattr(args, k) for k in RESUME_OVERRIDABLE if hasattr(args, k)})
+    for key, value in vars(args).items():
+        merged.setdefault(key, value)
+    return type(args)(**merged)

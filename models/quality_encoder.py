@@ -30,10 +30,10 @@ class QualityEncoder(nn.Module):
     """Swin -> global average pool of the last stage -> MLP projection to ``text_dim``."""
 
     def __init__(self, model_size="base", text_dim=1024, imagenet_pretrained=True, backbone_weights=None,
-                 proj_hidden=None, drop_path_rate=0.0):
+                 proj_hidden=None, drop_path_rate=0.0, img_size=224):
         super().__init__()
         self.model_size = model_size
-        self.backbone = SwinBackbone(model_size, imagenet_pretrained, backbone_weights, drop_path_rate)
+        self.backbone = SwinBackbone(model_size, imagenet_pretrained, backbone_weights, drop_path_rate, img_size)
         features = self.backbone.num_features
         proj_hidden = proj_hidden or features
         self.projection = nn.Sequential(

@@ -26,12 +26,23 @@ OFFLINE_ADVICE = (
 )
 
 
-def create_swin(model_size, drop_path_rate=0.0):
-    """A random-init timm Swin of ``model_size`` without classifier head."""
+NATIVE_IMG_SIZE = 224
+
+
+def create_swin(model_size, drop_path_rate=0.0, img_size=NATIVE_IMG_SIZE):
+    """A random-init timm Swin of ``model_size`` without classifier head, for ``img_size`` inputs.
+
+    Other input sizes (a multiple of 32) keep the 7×7 windows (``always_partition``), so the
+    parameters have the same shapes at every size and checkpoints move freely between them.
+    """
     if model_size not in SWIN_CONFIGS:
         raise UserError(f"--model_size '{model_size}' is not one of {', '.join(MODEL_SIZES)}")
+    if img_size % 32:
+        raise UserError(f"input size {img_size} must be a multiple of 32 for Swin (e.g. 224)")
     cfg = dict(SWIN_CONFIGS[model_size])
     name = cfg.pop("name")
+    if img_size != NATIVE_IMG_SIZE:
+        cfg.update(img_size=img_size, always_partition=True)
     return timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **cfg)
 
 
@@ -89,10 +100,11 @@ class SwinBackbone(nn.Module):
     LayerNorm, as in timm's ``forward_features``.
     """
 
-    def __init__(self, model_size="base", imagenet_pretrained=True, weights_file=None, drop_path_rate=0.0):
+    def __init__(self, model_size="base", imagenet_pretrained=True, weights_file=None, drop_path_rate=0.0,
+                 img_size=NATIVE_IMG_SIZE):
         super().__init__()
         self.model_size = model_size
-        self.swin = create_swin(model_size, drop_path_rate)
+        self.swin = create_swin(model_size, drop_path_rate, img_size)
         self.loaded_from = None
         if weights_file:
             load_swin_weights(self.swin, read_state_dict(weights_file), weights_file, model_size)

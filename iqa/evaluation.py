@@ -1,0 +1,127 @@
+"""The one evaluation path: decode a labelled set once, score grid patches, gather over ranks.
+
+Used by Stage 2 (validation, test, cross-dataset), ``cross_dataset_test.py``, ``predict.py`` and
+Stage 1's zero-shot validation.  A scorer is any callable mapping an ImageNet-normalised
+``N×3×S×S`` batch to N scores in [0, 1]; per-image scores are the mean over
+``EvalOptions.patch_num`` crops.  Predictions are reported on the MOS scale of the evaluated
+dataset (a score p becomes lo + p·(hi − lo)), so RMSE is in MOS units while SRCC/PLCC/KRCC do
+not depend on the mapping.
+"""
+import csv
+import io
+import multiprocessing
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from iqa import plots
+from iqa.datasets import DATASET_NAMES, mos_bounds
+from iqa.metrics import all_metrics
+from iqa.patches import EvalPatchDataset, cache_images, decode_threads
+from iqa.runtime import UserError, all_gather_cat, atomic_write_text, autocast, to_model_input
+
+_FORK = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+
+
+def parse_dataset_specs(specs, flag):
+    """``["spaq=/data/spaq", ...]`` -> {name: root}; names from ``iqa.datasets.DATASET_NAMES``."""
+    parsed = {}
+    for spec in specs:
+        name, sep, root = spec.partition("=")
+        if not sep or not name or not root:
+            raise UserError(f"{flag} '{spec}' is not NAME=ROOT (e.g. spaq=/data/spaq)")
+        if name not in DATASET_NAMES:
+            raise UserError(f"{flag} '{spec}': dataset '{name}' is unknown; choose one of {', '.join(DATASET_NAMES)}")
+        if name in parsed:
+            raise UserError(f"{flag} names {name} twice; give each dataset once")
+        parsed[name] = root
+    return parsed
+
+
+@dataclass
+class EvalOptions:
+    patch_num: int
+    patch_size: int
+    batch_size: int
+    amp: Optional[torch.dtype] = None
+    channels_last: bool = False
+    num_workers: int = 0
+    random_crop: bool = False
+    seed: int = 0
+
+
+@dataclass
+class EvalSet:
+    """A labelled image set split over ranks: every rank holds the decoded images of its share."""
+    name: str
+    samples: list             # all samples, in order
+    bounds: tuple             # MOS range of the dataset (maps [0, 1] scores to its MOS scale)
+    indices: list             # positions in ``samples`` of this rank's images
+    images: list              # this rank's decoded uint8 images
+
+
+def make_eval_set(name, samples, resize, patch_size, dist_info, *, bounds=None, on_device=False):
+    """Decode this rank's share (every world_size-th image) of ``samples`` once."""
+    if len(samples) < 2:
+        raise UserError(f"{name} has {len(samples)} image(s); correlation metrics need at least 2")
+    indices = list(range(dist_info.rank, len(samples), dist_info.world_size))
+    images = cache_images([samples[i] for i in indices], resize, patch_size,
+                          threads=decode_threads(dist_info.world_size),
+                          device=dist_info.device if on_device else None,
+                          desc=f"decode {name}", progress=dist_info.is_main)
+    return EvalSet(name, list(samples), tuple(bounds or mos_bounds(samples)), indices, images)
+
+
+def make_loader(dataset, batch_size, num_workers, device, sampler=None):
+    """DataLoader over uint8 patches; in-process when the images already live on the device."""
+    on_device = bool(dataset.images) and dataset.images[0].device.type != "cpu"
+    workers = 0 if on_device else num_workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda" and not on_device, drop_last=False,
+                      multiprocessing_context=_FORK if workers else None)
+
+
+def predict_images(score_fn, images, device, opts, progress=True, desc="eval"):
+    """Mean score over ``opts.patch_num`` crops of each image -> (len(images),) float64 CPU tensor."""
+    dataset = EvalPatchDataset(images, opts.patch_num, opts.patch_size, opts.random_crop, opts.seed)
+    sums = torch.zeros(len(images), dtype=torch.float64, device=device)
+    loader = make_loader(dataset, opts.batch_size, opts.num_workers, device)
+    with torch.inference_mode():
+        for patches, index in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            x = to_model_input(patches, device, opts.channels_last)
+            with autocast(device, opts.amp):
+                scores = score_fn(x)
+            sums.index_add_(0, index.to(device), scores.double())
+    return (sums / opts.patch_num).cpu()
+
+
+def evaluate(score_fn, eval_set, dist_info, opts):
+    """Predict every image of ``eval_set`` (ranks share the work) -> (metrics, predictions on its MOS scale)."""
+    local = predict_images(score_fn, eval_set.images, dist_info.device, opts, progress=dist_info.is_main,
+                           desc=f"eval {eval_set.name}")
+    scores = all_gather_cat(local.to(dist_info.device), dist_info).cpu()
+    order = all_gather_cat(torch.tensor(eval_set.indices, dtype=torch.long, device=dist_info.device), dist_info).cpu()
+    full = torch.empty(len(eval_set.samples), dtype=torch.float64)
+    full[order] = scores
+    lo, hi = eval_set.bounds
+    pred = lo + full.numpy() * (hi - lo)
+    return all_metrics(pred, [s.mos for s in eval_set.samples]), pred
+
+
+def write_predictions(path, samples, pred):
+    """CSV ``image, mos, pred`` (both on the dataset's MOS scale)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["image", "mos", "pred"])
+    writer.writerows([s.path, s.mos, f"{p:.6f}"] for s, p in zip(samples, pred))
+    atomic_write_text(path, buffer.getvalue())
+
+
+def save_eval_outputs(run_dir, label, eval_set, metrics, pred):
+    write_predictions(os.path.join(run_dir, f"predictions_{label}.csv"), eval_set.samples, pred)
+    plots.plot_scatter(pred, [s.mos for s in eval_set.samples], os.path.join(run_dir, f"scatter_{label}.png"),
+                       title=f"{label} ({eval_set.name})", metrics=metrics)

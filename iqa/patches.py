@@ -1,0 +1,150 @@
+"""Decoded-once image cache and the patch datasets of Stage 2.
+
+Every image is decoded (``iqa.datasets.load_rgb``) and resized **once** (shorter side to
+``resize``, aspect kept; images smaller than a patch are upscaled so one fits) into a uint8
+``3×H×W`` tensor.  The datasets then only slice those tensors: a worker never decodes, never
+converts to float; ImageNet normalisation happens on the device (``runtime.to_model_input``).
+
+* ``TrainPatchDataset``: ``patch_num`` random crops (+ horizontal flip) per image per epoch.
+  The crops of an epoch are drawn up front from a generator seeded with (seed, epoch), so the
+  data of an epoch depend on nothing else: not on the number of workers, not on the global RNG,
+  not on whether the run was resumed.
+* ``EvalPatchDataset``: ``patch_num`` crops per image on a deterministic grid (or seeded random
+  crops); items carry the image index so scores can be averaged per image.
+"""
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from iqa import datasets
+
+
+def resized_size(width, height, resize, patch_size):
+    """``(w, h)`` with the shorter side scaled to ``resize`` (0 = native), never below ``patch_size``."""
+    short = min(width, height)
+    target = max(resize or short, patch_size)
+    if target == short:
+        return width, height
+    scale = target / short
+    return max(patch_size, round(width * scale)), max(patch_size, round(height * scale))
+
+
+def load_resized(sample, resize, patch_size):
+    """One sample -> uint8 ``3×H×W`` tensor, resized with PIL bicubic (antialiased)."""
+    image = datasets.load_rgb(sample.path, sample.origin)
+    size = resized_size(*image.size, resize, patch_size)
+    if size != image.size:
+        image = image.resize(size, Image.BICUBIC)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def decode_threads(world_size=1):
+    return max(1, min(16, (os.cpu_count() or 1) // max(1, world_size)))
+
+
+def cache_images(samples, resize, patch_size, *, threads=None, device=None, desc="decode", progress=True):
+    """Decode and resize every sample once (thread pool) -> list of uint8 tensors.
+
+    A file that is missing or does not decode raises ``UserError`` naming it (from ``load_rgb``).
+    ``device``: keep the cache there (``--cache_on_device``), so crops are sliced on the GPU.
+    """
+    with ThreadPoolExecutor(threads or decode_threads()) as pool:
+        jobs = pool.map(lambda s: load_resized(s, resize, patch_size), samples)
+        images = list(tqdm(jobs, total=len(samples), desc=desc, disable=not progress, leave=False))
+    if device is not None and torch.device(device).type != "cpu":
+        images = [image.to(device) for image in images]
+    return images
+
+
+def crop(image, top, left, patch_size):
+    return image[:, top:top + patch_size, left:left + patch_size]
+
+
+def epoch_generator(seed, epoch):
+    """A CPU generator that depends on (seed, epoch) only."""
+    state = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class TrainPatchDataset(Dataset):
+    """``len = n_images * patch_num``; item = (uint8 random crop, randomly flipped; float target)."""
+
+    def __init__(self, images, targets, patch_num, patch_size, seed=0):
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.images = images
+        self.targets = torch.as_tensor(targets, dtype=torch.float32)
+        self.patch_num = patch_num
+        self.patch_size = patch_size
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch):
+        """Draw this epoch's crop positions and flips: (row fraction, column fraction, flip)."""
+        self.plan = torch.rand(len(self), 3, generator=epoch_generator(self.seed, epoch))
+
+    def __len__(self):
+        return len(self.images) * self.patch_num
+
+    def __getitem__(self, index):
+        image_index = index // self.patch_num
+        image = self.images[image_index]
+        row, col, flip = self.plan[index].tolist()
+        top = int(row * (image.shape[1] - self.patch_size + 1))
+        left = int(col * (image.shape[2] - self.patch_size + 1))
+        patch = crop(image, top, left, self.patch_size)
+        return (patch.flip(-1) if flip < 0.5 else patch), self.targets[image_index]
+
+
+def _spaced(extent, count):
+    if count == 1:
+        return [extent // 2]
+    return np.linspace(0, extent, count).round().astype(int).tolist()
+
+
+def grid_offsets(height, width, patch_size, patch_num):
+    """``patch_num`` (top, left) offsets spread over a rows×cols grid matching the aspect ratio.
+
+    One patch is the centre crop; otherwise the grid has corners at the image corners and the
+    ``patch_num`` positions are taken evenly from it in row-major order.
+    """
+    cols = max(1, min(patch_num, int(np.ceil(np.sqrt(patch_num * width / height)))))
+    rows = int(np.ceil(patch_num / cols))
+    positions = [(top, left) for top in _spaced(height - patch_size, rows)
+                 for left in _spaced(width - patch_size, cols)]
+    picks = np.linspace(0, len(positions) - 1, patch_num).round().astype(int)
+    return [positions[i] for i in picks]
+
+
+def random_offsets(height, width, patch_size, patch_num, generator):
+    tops = torch.randint(0, height - patch_size + 1, (patch_num,), generator=generator)
+    lefts = torch.randint(0, width - patch_size + 1, (patch_num,), generator=generator)
+    return list(zip(tops.tolist(), lefts.tolist()))
+
+
+class EvalPatchDataset(Dataset):
+    """``len = n_images * patch_num``; item = (uint8 crop, index of its image in ``images``)."""
+
+    def __init__(self, images, patch_num, patch_size, random_crop=False, seed=0):
+        self.images = images
+        self.patch_num = patch_num
+        self.patch_size = patch_size
+        generator = epoch_generator(seed, 0)
+        self.offsets = [
+            random_offsets(img.shape[1], img.shape[2], patch_size, patch_num, generator) if random_crop
+            else grid_offsets(img.shape[1], img.shape[2], patch_size, patch_num)
+            for img in images
+        ]
+
+    def __len__(self):
+        return len(self.images) * self.patch_num
+
+    def __getitem__(self, index):
+        image_index, k = divmod(index, self.patch_num)
+        top, left = self.offsets[image_index][k]
+        return crop(self.images[image_index], top, left, self.patch_size), image_index

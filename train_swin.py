@@ -1,0 +1,283 @@
+"""Stage 2: fine-tune Swin-HyperIQA on MOS-labelled data (DESIGN §4).
+
+The guide's commands run as written, e.g.
+
+    python train_swin.py --dataset koniq-10k --model_size base --epochs 50 --use_multiscale --attention_fusion
+    python train_swin.py --dataset koniq-10k --model_size base --epochs 50 --use_multiscale --attention_fusion \\
+        --pretrained_encoder checkpoints/qualiclip_pretrain_*/swin_base_qualiclip_pretrained.pkl \\
+        --lr_encoder_pretrained 1e-6
+
+Multi-GPU: ``torchrun --nproc_per_node=N train_swin.py ...`` (same flags; ``--batch_size`` is per GPU).
+A run directory holds args.json, split.json, log.jsonl, last.pt, best.pt, results.json, the
+predictions CSVs and PNG plots; ``--resume RUN_DIR`` continues a killed run.
+"""
+import argparse
+import json
+import os
+import re
+
+import numpy as np
+
+from HyperIQASolver_swin import DEFAULT_RESIZE, DEFAULT_TEST_PATCH_NUM, LOSSES, PATCH_SIZE, SCHEDULERS, HyperIQASolver
+from iqa.evaluation import make_eval_set, parse_dataset_specs
+from iqa.datasets import DATASET_NAMES, mos_bounds, read_index, select_split
+from iqa.runtime import (
+    RESUME_OVERRIDABLE, UserError, atomic_write_json, barrier, broadcast_object, cleanup_distributed,
+    init_distributed, prepare_output_dir, restore_args, run_cli, save_args, timestamp,
+)
+from models.swin_backbone import MODEL_SIZES
+
+METRIC_KEYS = ("srcc", "plcc", "plcc_logistic", "krcc", "rmse")
+ROUND_DIR = re.compile(r"round_\d+")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("Swin-HyperIQA fine-tuning (Stage 2)", add_help=True)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="koniq-10k", choices=DATASET_NAMES)
+    data.add_argument("--data_root", default=None, help="dataset folder (default ./koniq-10k for koniq-10k); "
+                      "for --dataset csv the CSV file")
+    data.add_argument("--split_file", default=None, help="JSON {train,val,test: [names]} or CSV with a set column; "
+                      "overrides the dataset's split (a run's split.json can be passed back)")
+    data.add_argument("--image_col", default=None, help="image column of --dataset csv")
+    data.add_argument("--score_col", default=None, help="score column of --dataset csv (higher = better)")
+    data.add_argument("--resize", type=int, default=DEFAULT_RESIZE,
+                      help="shorter image side before cropping, aspect kept (0 = native size)")
+    data.add_argument("--patch_size", type=int, default=PATCH_SIZE)
+    data.add_argument("--train_patch_num", type=int, default=5,
+                      help="random crops per training image per epoch (a 224 crop covers ~1/4 of a 512x384 image)")
+    data.add_argument("--test_patch_num", type=int, default=DEFAULT_TEST_PATCH_NUM,
+                      help="crops per val/test image on a fixed grid, scores averaged")
+    data.add_argument("--test_random_crop", action="store_true", help="seeded random test crops instead of the grid")
+    data.add_argument("--cross_datasets", nargs="*", default=[], metavar="NAME=ROOT",
+                      help="datasets evaluated whole with the selected weights at the end, e.g. spaq=/data/spaq")
+    data.add_argument("--cache_on_device", action="store_true", help="keep the decoded images on the GPU")
+    data.add_argument("--num_workers", type=int, default=4)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_size", default="base", choices=MODEL_SIZES)
+    model.add_argument("--use_multiscale", action="store_true", default=True,
+                       help="hyper network input from all four stages (default on)")
+    model.add_argument("--no_multiscale", dest="use_multiscale", action="store_false",
+                       help="hyper network input from the last stage only")
+    model.add_argument("--attention_fusion", action="store_true", help="per-image attention weights over the stages")
+    model.add_argument("--drop_path_rate", type=float, default=0.0)
+    model.add_argument("--dropout_rate", type=float, default=0.0)
+    model.add_argument("--backbone_weights", default=None, help="timm Swin state dict (offline ImageNet weights)")
+    model.add_argument("--no_imagenet_pretrained", dest="imagenet_pretrained", action="store_false",
+                       help="random-init backbone")
+    model.add_argument("--pretrained_encoder", nargs="+", default=None, metavar="PKL",
+                       help="Stage-1 encoder .pkl (several matches of a glob: the newest is used)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=50)
+    optim.add_argument("--batch_size", type=int, default=32, help="patches per step per GPU")
+    optim.add_argument("--lr", type=float, default=5e-6, help="encoder learning rate (baseline)")
+    optim.add_argument("--lr_ratio", type=float, default=10.0, help="head learning rate = --lr x --lr_ratio")
+    optim.add_argument("--lr_encoder_pretrained", type=float, default=1e-6,
+                       help="encoder learning rate with --pretrained_encoder")
+    optim.add_argument("--weight_decay", type=float, default=5e-4)
+    optim.add_argument("--lr_scheduler", default="cosine", choices=SCHEDULERS,
+                       help="per step: cosine to 1%% of each group's LR, constant, or x0.1 every --lr_step_epochs")
+    optim.add_argument("--lr_step_epochs", type=int, default=10)
+    optim.add_argument("--loss_type", default="l1", choices=tuple(LOSSES))
+    optim.add_argument("--grad_accum", type=int, default=1, help="optimizer step every N batches")
+    optim.add_argument("--patience", type=int, default=10, help="epochs without val SRCC gain before stopping")
+    optim.add_argument("--no_early_stopping", action="store_true")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--train_test_num", type=int, default=1, help="rounds with seeds seed..seed+N-1 (median reported)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--output_dir", default=None, help="default runs/train_swin_<dataset>_<size>_<timestamp>/")
+    run.add_argument("--resume", default=None, metavar="RUN_DIR_OR_CHECKPOINT",
+                     help="continue a run from its last.pt (settings come from its args.json, except "
+                          "--device and --num_workers)")
+    run.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    run.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                     help="mixed precision (auto = bf16 on CUDA, off on CPU)")
+    run.add_argument("--channels_last", action="store_true")
+    run.add_argument("--compile", action="store_true", help="torch.compile the training model")
+    run.add_argument("--deterministic", action="store_true", help="deterministic algorithms (reproducible on CPU)")
+    run.add_argument("--log_every", type=int, default=50, help="steps between loss read-backs / NaN checks")
+    return parser
+
+
+# ----------------------------------------------------------------------------- flags
+
+def check_args(args):
+    """Validate and complete the flags of a new run (in place)."""
+    for flag in ("epochs", "batch_size", "train_patch_num", "test_patch_num", "grad_accum", "train_test_num",
+                 "patience", "log_every", "lr_step_epochs"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
+    for flag in ("lr", "lr_ratio", "lr_encoder_pretrained"):
+        if not getattr(args, flag) > 0:
+            raise UserError(f"--{flag} must be positive (got {getattr(args, flag)})")
+    for flag in ("weight_decay", "drop_path_rate", "dropout_rate", "num_workers"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} must not be negative (got {getattr(args, flag)})")
+    if args.patch_size != PATCH_SIZE:
+        raise UserError(f"--patch_size {args.patch_size}: the Swin backbones take {PATCH_SIZE}x{PATCH_SIZE} inputs; "
+                        f"use --patch_size {PATCH_SIZE} and set the image scale with --resize")
+    if args.resize < 0:
+        raise UserError(f"--resize must be 0 (native) or a side length >= {args.patch_size}")
+    if args.resize and args.resize < args.patch_size:
+        raise UserError(f"--resize {args.resize} is smaller than --patch_size {args.patch_size}; use --resize >= "
+                        f"{args.patch_size} (or 0 to keep native sizes)")
+    if args.data_root is None:
+        if args.dataset != "koniq-10k":
+            raise UserError(f"--data_root is required for --dataset {args.dataset}")
+        args.data_root = "./koniq-10k"
+    args.pretrained_encoder = resolve_pretrained_encoder(args.pretrained_encoder)
+    parse_dataset_specs(args.cross_datasets, "--cross_datasets")
+
+
+def resolve_pretrained_encoder(paths):
+    """One .pkl from ``--pretrained_encoder`` (a shell glob may pass several: take the newest)."""
+    if not paths:
+        return None
+    for path in paths:
+        if not os.path.isfile(path):
+            hint = " (a pattern that matched no file)" if any(c in path for c in "*?[") else ""
+            raise UserError(f"--pretrained_encoder '{path}' does not exist{hint}; run Step 1 (pretrain_qualiclip.py) "
+                            f"first or pass the .pkl it wrote")
+    newest = max(paths, key=os.path.getmtime)
+    if len(paths) > 1:
+        print(f"note: --pretrained_encoder matched {len(paths)} files; using the newest, {newest}")
+    return newest
+
+
+def locate_resume(path):
+    """``--resume`` -> (run directory, explicit checkpoint file or None)."""
+    if os.path.isfile(path):
+        run_dir, ckpt = os.path.dirname(os.path.abspath(path)), path
+    elif os.path.isdir(path):
+        run_dir, ckpt = os.path.abspath(path), None
+    else:
+        raise UserError(f"--resume '{path}' does not exist; pass a train_swin.py run directory or its last.pt")
+    parent = os.path.dirname(run_dir)
+    if ROUND_DIR.fullmatch(os.path.basename(run_dir)) and os.path.isfile(os.path.join(parent, "args.json")):
+        run_dir = parent
+    if not os.path.isfile(os.path.join(run_dir, "args.json")):
+        raise UserError(f"--resume '{path}': no args.json in {run_dir}; it is not a train_swin.py run directory")
+    return run_dir, ckpt
+
+
+def resumed_args(args):
+    """The run's stored args; only ``runtime.RESUME_OVERRIDABLE`` flags come from this command line."""
+    run_dir, ckpt = locate_resume(args.resume)
+    with open(os.path.join(run_dir, "args.json")) as f:
+        stored = json.load(f)
+    defaults = vars(get_args_parser().parse_args([]))
+    ignored = [k for k, v in vars(args).items()
+               if k not in RESUME_OVERRIDABLE and v != defaults.get(k) and v != stored.get(k)]
+    if ignored:
+        print(f"note: resuming keeps the run's own settings; ignoring --{', --'.join(ignored)}")
+    return restore_args(args, stored), run_dir, ckpt
+
+
+# ----------------------------------------------------------------------------- rounds
+
+def round_checkpoint(round_dir, explicit):
+    """The checkpoint a resumed round continues from: the one given if it is in this round, else last.pt."""
+    if explicit and os.path.dirname(os.path.abspath(explicit)) == os.path.abspath(round_dir):
+        return explicit
+    last = os.path.join(round_dir, "last.pt")
+    return last if os.path.isfile(last) else None
+
+
+def run_round(args, round_dir, dist_info, splits, cross_sets, explicit_ckpt):
+    results_path = os.path.join(round_dir, "results.json")
+    if os.path.isfile(results_path):
+        if dist_info.is_main:
+            print(f"{round_dir} already finished; reading its results.json")
+        with open(results_path) as f:
+            return json.load(f)
+    ckpt = round_checkpoint(round_dir, explicit_ckpt) if args.resume else None
+    samples, train_set, val_set, test_set = splits
+    solver = HyperIQASolver(args, train_set, val_set, test_set, dist_info, round_dir,
+                            bounds=mos_bounds(samples), cross_sets=cross_sets, resume_from=ckpt)
+    return solver.train()
+
+
+def summarize(rounds):
+    """{block: {metric: {median, mean, std}}} over rounds, for val/test/test_last and each cross dataset."""
+    def stats(blocks):
+        return {m: {"median": float(np.median([b[m] for b in blocks])), "mean": float(np.mean([b[m] for b in blocks])),
+                    "std": float(np.std([b[m] for b in blocks]))} for m in METRIC_KEYS}
+
+    summary = {key: stats([r[key] for r in rounds]) for key in ("val", "test", "test_last")}
+    summary["cross_dataset"] = {name: stats([r["cross_dataset"][name] for r in rounds])
+                                for name in rounds[0]["cross_dataset"]}
+    return summary
+
+
+def split_dataset(samples, dataset):
+    """(all samples, train, val, test); an empty split is a UserError."""
+    return (samples, *(select_split(samples, split, dataset) for split in ("train", "val", "test")))
+
+
+def read_dataset(args, seed):
+    return read_index(args.dataset, args.data_root, seed=seed, split_file=args.split_file,
+                      image_col=args.image_col, score_col=args.score_col)
+
+
+def train(args, dist_info):
+    if args.resume:
+        args, run_dir, explicit_ckpt = resumed_args(args)
+    else:
+        check_args(args)
+        default_dir = os.path.join("runs", f"train_swin_{args.dataset}_{args.model_size}_{timestamp()}")
+        run_dir, explicit_ckpt = broadcast_object(args.output_dir or default_dir, dist_info), None
+    # Annotations and splits are checked before anything is written; every image is decoded
+    # (cross-dataset ones here, the others by the solver) before the first training step.
+    first = split_dataset(read_dataset(args, args.seed), args.dataset)
+    cross_samples = {name: read_index(name, root, seed=args.seed)
+                     for name, root in parse_dataset_specs(args.cross_datasets, "--cross_datasets").items()}
+    if dist_info.is_main and not args.resume:
+        prepare_output_dir(run_dir)
+        save_args(run_dir, args)
+    barrier(dist_info)
+    if dist_info.is_main:
+        print(f"run directory: {run_dir}")
+    cross_sets = {name: make_eval_set(name, samples, args.resize, args.patch_size, dist_info,
+                                      on_device=args.cache_on_device)
+                  for name, samples in cross_samples.items()}
+    rounds = []
+    for k in range(args.train_test_num):
+        round_args = argparse.Namespace(**{**vars(args), "seed": args.seed + k})
+        splits = first if k == 0 else split_dataset(read_dataset(args, round_args.seed), args.dataset)
+        round_dir = run_dir if args.train_test_num == 1 else os.path.join(run_dir, f"round_{k + 1}")
+        if args.train_test_num > 1 and dist_info.is_main and not os.path.isfile(os.path.join(round_dir, "args.json")):
+            prepare_output_dir(round_dir, resume=bool(args.resume))
+            save_args(round_dir, round_args)
+        barrier(dist_info)
+        results = run_round(round_args, round_dir, dist_info, splits, cross_sets, explicit_ckpt)
+        rounds.append({"round": k + 1, "seed": round_args.seed, "dir": round_dir, **results})
+
+    if args.train_test_num > 1:
+        summary = summarize(rounds)
+        if dist_info.is_main:
+            atomic_write_json(os.path.join(run_dir, "results.json"), {
+                "dataset": args.dataset, "model_size": args.model_size, "train_test_num": args.train_test_num,
+                "rounds": rounds, "summary": summary,
+            })
+            test = summary["test"]
+            print(f"test over {args.train_test_num} rounds: SRCC median {test['srcc']['median']:.4f} "
+                  f"(mean {test['srcc']['mean']:.4f} ± {test['srcc']['std']:.4f}), PLCC median "
+                  f"{test['plcc']['median']:.4f} (mean {test['plcc']['mean']:.4f} ± {test['plcc']['std']:.4f})")
+    if dist_info.is_main:
+        print(f"run directory: {run_dir}")
+    return rounds
+
+
+def main(args):
+    dist_info = init_distributed(args.device)
+    try:
+        return train(args, dist_info)
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())
