@@ -294,6 +294,38 @@ def _index_tensor(value, n, device, what, size, names=None):
     return t.to(device=device, dtype=torch.long)
 
 
+def _degrade(kind, x, levels, tables, generator):
+    """One distortion type on every row of ``x`` (float32 0..255) at per-row ``levels``; unrounded."""
+    n = x.shape[0]
+    if kind == _BLUR:
+        return _blur_per_sample(x, tables["blur"][levels])
+    if kind == _NOISE:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        return x + noise * tables["noise"][levels].view(n, 1, 1, 1)
+    return x * tables["brightness"][levels].view(n, 1, 1, 1)
+
+
+def _degrade_rows(x, host_types, levels, tables, generator):
+    """Each type on its own rows, indexed from the host-side types (no device read-back)."""
+    out = x.clone()
+    for kind in (_BLUR, _NOISE, _BRIGHTNESS):
+        rows = (host_types == kind).nonzero().flatten()
+        if rows.numel():
+            rows = (rows.pin_memory() if x.device.type == "cuda" else rows).to(x.device, non_blocking=True)
+            degraded = _degrade(kind, x.index_select(0, rows), levels.index_select(0, rows), tables, generator)
+            out.index_copy_(0, rows, degraded.round().clamp(0, 255))
+    return out
+
+
+def _degrade_masked(x, dist_types, levels, tables, generator):
+    """Every type on the whole batch, rows picked with ``torch.where`` (types only on the device)."""
+    out = x
+    for kind in (_BLUR, _NOISE, _BRIGHTNESS):
+        mask = (dist_types == kind).view(-1, 1, 1, 1)
+        out = torch.where(mask, _degrade(kind, x, levels, tables, generator).round().clamp(0, 255), out)
+    return out
+
+
 def degrade_batch(images, dist_types, levels, generator=None, jpeg="skip"):
     """Degrade a batch, each sample with its own distortion type and level.
 
@@ -301,7 +333,9 @@ def degrade_batch(images, dist_types, levels, generator=None, jpeg="skip"):
         images: ``N×3×H×W`` uint8, or float with values in [0, 255], on any device. Float input
             is rounded and clipped first (as if it were an 8-bit image, like the PIL path).
         dist_types: ``(N,)`` integer tensor of indices into ``DISTORTION_TYPES`` (a list of
-            names or ints is accepted too). Keep it on ``images.device`` to avoid a copy.
+            names or ints is accepted too). On the CPU (as the DataLoader delivers it), each
+            type is computed on its own rows only; on the device, every type is computed on
+            the whole batch and selected with ``torch.where`` (no host-device sync either way).
         levels: ``(N,)`` integer tensor of 0-based level indices (0..4) into ``LEVEL_PARAMS``.
         generator: optional ``torch.Generator`` on ``images.device`` for the noise.
         jpeg: ``'skip'`` (default): JPEG rows are returned unchanged, because JPEG is applied
@@ -318,11 +352,10 @@ def degrade_batch(images, dist_types, levels, generator=None, jpeg="skip"):
         float32 ``N×3×H×W`` on ``images.device`` with integer values in [0, 255].
 
     Blur, noise and brightness use only tensor ops: no host-device synchronisation, no loop
-    over samples or levels. Blur is one depthwise separable convolution over the whole batch
-    with a per-sample 21-tap kernel (zero taps beyond each σ's radius), mirrored borders, in
-    float32 with autocast disabled; noise is one ``torch.randn`` scaled per sample; rows of
-    other types are selected with ``torch.where``. Agreement with the PIL path: see the
-    module docstring.
+    over samples or levels. Blur is one depthwise separable convolution over its rows with a
+    per-sample 21-tap kernel (zero taps beyond each σ's radius), mirrored borders, in float32
+    with autocast disabled; noise is one ``torch.randn`` scaled per sample. Agreement with the
+    PIL path: see the module docstring.
     """
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -333,7 +366,13 @@ def degrade_batch(images, dist_types, levels, generator=None, jpeg="skip"):
         raise ValueError(f"jpeg must be 'skip' or 'torchvision', got {jpeg!r}")
     device = images.device
     n = images.shape[0]
-    dist_types = _index_tensor(dist_types, n, device, "dist_types", len(DISTORTION_TYPES), DISTORTION_TYPES)
+    # Types known on the host (a CPU tensor or a list, as the DataLoader delivers them) let
+    # each distortion run on its own rows only, without reading anything back from the device.
+    on_host = not (isinstance(dist_types, torch.Tensor) and dist_types.device.type != "cpu")
+    host_types = (_index_tensor(dist_types, n, torch.device("cpu"), "dist_types", len(DISTORTION_TYPES),
+                                DISTORTION_TYPES) if on_host else None)
+    dist_types = _index_tensor(dist_types if host_types is None else host_types, n, device, "dist_types",
+                               len(DISTORTION_TYPES), DISTORTION_TYPES)
     levels = _index_tensor(levels, n, device, "levels", NUM_LEVELS)
 
     amp_off = (torch.autocast(device.type, enabled=False)
@@ -343,15 +382,8 @@ def degrade_batch(images, dist_types, levels, generator=None, jpeg="skip"):
         if images.dtype != torch.uint8:
             x = x.round().clamp(0, 255)
         tables = _tables(device)
-
-        def where(kind, degraded, current):
-            mask = (dist_types == kind).view(n, 1, 1, 1)
-            return torch.where(mask, degraded.round().clamp(0, 255), current)
-
-        out = where(_BLUR, _blur_per_sample(x, tables["blur"][levels]), x)
-        noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
-        out = where(_NOISE, x + noise * tables["noise"][levels].view(n, 1, 1, 1), out)
-        out = where(_BRIGHTNESS, x * tables["brightness"][levels].view(n, 1, 1, 1), out)
+        out = (_degrade_rows(x, host_types, levels, tables, generator) if host_types is not None
+               else _degrade_masked(x, dist_types, levels, tables, generator))
 
     if jpeg == "torchvision":
         out = _jpeg_rows_torchvision(out, dist_types, levels)

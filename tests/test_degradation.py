@@ -315,3 +315,22 @@ def test_batched_argument_checks():
     by_index = degrade_batch(images + 100, torch.tensor([3, 2]), torch.tensor([0, 0]),
                              generator=torch.Generator().manual_seed(0))
     assert torch.equal(by_name, by_index) and by_name[0].eq(130).all()
+
+
+def test_row_and_masked_paths_agree():
+    """Types on the host (rows indexed) and on the device (torch.where) give the same images."""
+    from qualiclip_pretrain.degradation_generator import _degrade_masked, _degrade_rows, _tables
+
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.integers(0, 256, (12, 3, 20, 24))).float()
+    types = torch.tensor([0, 1, 2, 3] * 3)
+    levels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1])
+    rows = _degrade_rows(x, types, levels, _tables(x.device), torch.Generator().manual_seed(0))
+    masked = _degrade_masked(x, types, levels, _tables(x.device), torch.Generator().manual_seed(0))
+    deterministic = types != 2
+    assert torch.equal(rows[deterministic], masked[deterministic])
+    assert torch.equal(rows[types == 1], x[types == 1])  # JPEG rows pass through
+    for out in (rows, masked):
+        noise = (out - x)[types == 2].flatten(1).std(dim=1)
+        sigmas = torch.tensor([LEVEL_PARAMS["noise"][i] for i in levels[types == 2]])
+        assert torch.allclose(noise, sigmas, rtol=0.25)
