@@ -4,12 +4,17 @@
 
 Four rows, each ``{"name", "device", "baseline_per_s", "ours_per_s", "ratio", ...}``:
 
-* ``stage1_degradation``: degraded crops/s. Baseline = the original per-crop path (tensor ->
-  normalise -> PIL -> degrade each level -> tensor -> normalise, one crop at a time). Ours = the
-  training path: JPEG with PIL as in the workers, blur/noise/brightness in one batched call on
-  the device, normalisation after.
+Both input pipelines are measured end to end through a DataLoader with the same ``--workers``
+(default: 0 on CPU, where the device is the same cores; one per core, at most 8, on CUDA), from
+JPEG files on disk to normalised batches on the device:
+
+* ``stage1_degradation``: degraded crops/s. Baseline = the original per-crop path in the workers
+  (tensor -> normalise -> PIL -> degrade each level -> tensor -> normalise). Ours = the training
+  path: workers decode, crop and JPEG-encode; blur/noise/brightness run batched on the device,
+  normalisation after (``pretrain_qualiclip.prepare_batch``).
 * ``stage2_sampling``: training patches/s. Baseline = decode + resize the file for every patch.
-  Ours = slices of the decoded-once uint8 cache (the one-off decode time is reported too).
+  Ours = slices of the decoded-once uint8 cache (the one-off decode time is reported too, and
+  ``ours_including_decode_per_s`` counts it against one epoch).
 * ``stage1_train`` / ``stage2_train``: training crops (patches)/s of one optimizer step, plain
   fp32 eager against our settings (bf16 autocast, channels_last, fused AdamW, TF32 on CUDA; on
   CPU the scripts' defaults), and peak GPU memory on CUDA.
@@ -23,9 +28,9 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,11 +40,13 @@ from iqa.datasets import Sample  # noqa: E402
 from iqa.patches import TrainPatchDataset, cache_images  # noqa: E402
 from models.hyperiqa_swin import HyperIQASwin  # noqa: E402
 from models.quality_encoder import QualityEncoder  # noqa: E402
+from pretrain_qualiclip import prepare_batch  # noqa: E402
 from qualiclip_pretrain.degradation_generator import (  # noqa: E402
     DISTORTION_TYPES,
     SyntheticDegradation,
     degrade_batch,
 )
+from qualiclip_pretrain.pretrain_dataset import PretrainDataset  # noqa: E402
 from qualiclip_pretrain.qualiclip_loss import SimplifiedQualiCLIPLoss  # noqa: E402
 
 CROP = 224
@@ -58,19 +65,6 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device, repeats):
-    """Best-of-``repeats`` seconds of ``fn()`` after one warm-up call."""
-    fn()
-    sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def row(name, device, baseline_per_s, ours_per_s, **extra):
     return {"name": name, "device": device_name(device), "baseline_per_s": round(baseline_per_s, 2),
             "ours_per_s": round(ours_per_s, 2), "ratio": round(ours_per_s / baseline_per_s, 2), **extra}
@@ -82,97 +76,114 @@ def device_name(device):
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-# ----------------------------------------------------------------------------- stage 1 degradation
+# ----------------------------------------------------------------------------- input pipelines
 
-def random_crops(image, count, rng):
-    array = np.asarray(image)
-    h, w = array.shape[:2]
-    tops, lefts = rng.integers(0, h - CROP + 1, count), rng.integers(0, w - CROP + 1, count)
-    return [Image.fromarray(array[t:t + CROP, s:s + CROP]) for t, s in zip(tops, lefts)]
-
-
-def naive_degrade(crop, degrader):
-    """The original script: normalise, back to PIL (uint8), degrade each level, tensor, normalise."""
-    normalised = TF.normalize(TF.to_tensor(crop), runtime.IMAGENET_MEAN, runtime.IMAGENET_STD)
-    pil = TF.to_pil_image(normalised.clamp(0, 1))
-    return torch.stack([TF.normalize(TF.to_tensor(im), runtime.IMAGENET_MEAN, runtime.IMAGENET_STD)
-                        for im in degrader(pil)])
-
-
-def bench_stage1_degradation(device, n_crops, repeats):
-    rng = np.random.default_rng(0)
-    crops = random_crops(photo(1024, 768), n_crops, rng)
-    types = [DISTORTION_TYPES[i % len(DISTORTION_TYPES)] for i in range(n_crops)]
-    degraders = {t: SyntheticDegradation(t, LEVELS, rng=0) for t in DISTORTION_TYPES}
-
-    def baseline():
-        return [naive_degrade(c, degraders[t]) for c, t in zip(crops, types)]
-
-    # Ours: workers hand over uint8 crops (JPEG already applied with PIL); the device does the rest.
-    def worker_side():
-        views = []
-        for c, t in zip(crops, types):
-            levels = degraders[t](c) if t == "jpeg" else [c] * LEVELS
-            views.append(torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in levels]))
-        return torch.stack(views)
-
-    type_ids = torch.tensor([DISTORTION_TYPES.index(t) for t in types], device=device).repeat_interleave(LEVELS)
-    level_ids = torch.arange(LEVELS, device=device).repeat(n_crops)
-    generator = torch.Generator(device=device).manual_seed(0)
-
-    def ours():
-        batch = worker_side().to(device, non_blocking=True).flatten(0, 1)
-        return runtime.to_model_input(degrade_batch(batch, type_ids, level_ids, generator=generator), device)
-
-    handed_over = worker_side()
-
-    def device_only():
-        batch = handed_over.to(device, non_blocking=True).flatten(0, 1)
-        return runtime.to_model_input(degrade_batch(batch, type_ids, level_ids, generator=generator), device)
-
-    count = n_crops * LEVELS
-    t_base, t_ours, t_device = (timed(fn, device, repeats) for fn in (baseline, ours, device_only))
-    # ours_per_s includes the worker-side work done inline here; in training it runs in parallel
-    # DataLoader workers, so device_only_per_s is what the GPU side can absorb.
-    return row("stage1_degradation", device, count / t_base, count / t_ours, unit="degraded crops/s",
-               device_only_per_s=round(count / t_device, 2), crops=count)
-
-
-# ----------------------------------------------------------------------------- stage 2 sampling
-
-def bench_stage2_sampling(device, n_images, n_patches, repeats, workdir):
-    samples = []
-    for i in range(n_images):
+def write_photos(workdir, count):
+    """``count`` KonIQ-like 1024×768 JPEGs of a real photograph (rotated for variety)."""
+    paths = []
+    for i in range(count):
         path = os.path.join(workdir, f"img{i}.jpg")
         photo(1024, 768).rotate(i * 7).save(path, quality=90)
-        samples.append(Sample(path=path, mos=float(i), split="train", origin=f"bench:{i}"))
-    rng = np.random.default_rng(0)
-    picks = rng.integers(0, n_images, n_patches)
+        paths.append(path)
+    return paths
 
-    def baseline():
-        out = []
-        for i in picks:
-            image = Image.open(samples[i].path).convert("RGB")
-            image = image.resize((512, 384), Image.BICUBIC)
-            top, left = rng.integers(0, 384 - CROP + 1), rng.integers(0, 512 - CROP + 1)
-            patch = TF.to_tensor(image.crop((left, top, left + CROP, top + CROP)))
-            out.append(TF.normalize(patch, runtime.IMAGENET_MEAN, runtime.IMAGENET_STD))
-        return torch.stack(out)
 
+def normalised(image):
+    return TF.normalize(TF.to_tensor(image), runtime.IMAGENET_MEAN, runtime.IMAGENET_STD)
+
+
+class NaivePretrainDataset(Dataset):
+    """The original Stage-1 item: per crop, normalise, back to PIL, degrade each level, normalise again."""
+
+    def __init__(self, paths, distortion_types=DISTORTION_TYPES):
+        self.paths = paths
+        self.degraders = [SyntheticDegradation(t, LEVELS) for t in distortion_types]
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        image = Image.open(self.paths[index]).convert("RGB")
+        degrader = self.degraders[index % len(self.degraders)]
+        views = []
+        for left in (0, CROP // 2):
+            crop = image.crop((left, 0, left + CROP, CROP))
+            pil = TF.to_pil_image(normalised(crop).clamp(0, 1))
+            views.append(torch.stack([normalised(im) for im in degrader(pil)]))
+        return torch.stack(views)
+
+
+class NaivePatchDataset(Dataset):
+    """The original Stage-2 item: decode and resize the whole image for every patch."""
+
+    def __init__(self, paths, patches_per_image):
+        self.paths, self.patches_per_image = paths, patches_per_image
+
+    def __len__(self):
+        return len(self.paths) * self.patches_per_image
+
+    def __getitem__(self, index):
+        image = Image.open(self.paths[index // self.patches_per_image]).convert("RGB").resize((512, 384), Image.BICUBIC)
+        top, left = torch.randint(0, 384 - CROP + 1, ()).item(), torch.randint(0, 512 - CROP + 1, ()).item()
+        return normalised(image.crop((left, top, left + CROP, top + CROP))), 0.0
+
+
+def drain(loader, on_batch):
+    """Seconds to pull every batch through ``on_batch`` (the device-side step)."""
+    start = time.perf_counter()
+    for batch in loader:
+        on_batch(batch)
+    return time.perf_counter() - start
+
+
+def loader(dataset, batch_size, workers, device):
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                      shuffle=False)
+
+
+def bench_stage1_degradation(device, paths, workers, batch_size):
+    """Degraded crops/s end to end: decode, crop, degrade, normalise, on the device."""
+    sink = []
+
+    def naive_step(batch):
+        sink.append(batch.to(device, non_blocking=True).sum())
+
+    ours_args = argparse.Namespace(degrade_on="device", channels_last=device.type == "cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def ours_step(batch):
+        images, _ = prepare_batch(batch, list(range(LEVELS)), ours_args, device, generator)
+        sink.append(images.sum())
+
+    crops = len(paths) * 2 * LEVELS
+    naive = drain(loader(NaivePretrainDataset(paths), batch_size, workers, device), naive_step)
+    ours = drain(loader(PretrainDataset(paths, CROP, DISTORTION_TYPES, LEVELS), batch_size, workers, device),
+                 ours_step)
+    sync(device)
+    return row("stage1_degradation", device, crops / naive, crops / ours, unit="degraded crops/s",
+               images=len(paths), workers=workers)
+
+
+def bench_stage2_sampling(device, paths, workers, batch_size, patches_per_image):
+    """Training patches/s: decode + resize per patch against slices of the decoded-once cache."""
+    sink = []
+
+    def step(batch):
+        sink.append(runtime.to_model_input(batch[0], device).sum() if batch[0].dtype == torch.uint8
+                    else batch[0].to(device, non_blocking=True).sum())
+
+    count = len(paths) * patches_per_image
+    naive = drain(loader(NaivePatchDataset(paths, patches_per_image), batch_size, workers, device), step)
+    samples = [Sample(path=p, mos=float(i), split="train", origin=f"bench:{i}") for i, p in enumerate(paths)]
     start = time.perf_counter()
     cache = cache_images(samples, 384, CROP, progress=False)
     decode_s = time.perf_counter() - start
-    dataset = TrainPatchDataset(cache, [s.mos for s in samples], patch_num=max(1, n_patches // n_images),
-                                patch_size=CROP)
-
-    def ours():
-        patches = torch.stack([dataset[i][0] for i in range(len(dataset))])
-        return runtime.to_model_input(patches, device)
-
-    n_ours = len(dataset)
-    t_base, t_ours = timed(baseline, device, repeats), timed(ours, device, repeats)
-    return row("stage2_sampling", device, n_patches / t_base, n_ours / t_ours, unit="patches/s",
-               cache_decode_s=round(decode_s, 3), images=n_images)
+    dataset = TrainPatchDataset(cache, [s.mos for s in samples], patches_per_image, CROP)
+    ours = drain(loader(dataset, batch_size, workers, device), step)
+    sync(device)
+    return row("stage2_sampling", device, count / naive, count / ours, unit="patches/s",
+               ours_including_decode_per_s=round(count / (ours + decode_s), 2), cache_decode_s=round(decode_s, 3),
+               images=len(paths), patches_per_image=patches_per_image, workers=workers)
 
 
 # ----------------------------------------------------------------------------- training throughput
@@ -265,6 +276,7 @@ def get_args_parser():
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--quick", action="store_true", help="few iterations (smoke run)")
     p.add_argument("--compile", action="store_true", help="also torch.compile the models in 'ours'")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers for both input pipelines")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "latest.json"))
     return p
 
@@ -285,12 +297,13 @@ def main(args):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     cuda = device.type == "cuda"
-    repeats = 1 if args.quick else 3
     size = "base" if cuda else "nano"
+    workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if cuda else 0)
     with tempfile.TemporaryDirectory() as workdir:
+        paths = write_photos(workdir, 4 if args.quick else (512 if cuda else 24))
         rows = [
-            bench_stage1_degradation(device, 8 if args.quick else (256 if cuda else 48), repeats),
-            bench_stage2_sampling(device, 4 if args.quick else 16, 16 if args.quick else 128, repeats, workdir),
+            bench_stage1_degradation(device, paths, workers, 8),
+            bench_stage2_sampling(device, paths, workers, 32, 2 if args.quick else 8),
             *bench_training(device, size, 1 if args.quick else (20 if cuda else 3), args.compile),
         ]
     print_table(rows)
