@@ -22,7 +22,6 @@ the evaluated dataset: a score p in [0, 1] becomes lo + p·(hi − lo) with that
 range, so RMSE is in MOS units (SRCC/PLCC/KRCC do not depend on this mapping).
 """
 import contextlib
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -40,9 +39,9 @@ from iqa.datasets import mos_bounds, normalize_mos
 from iqa.evaluation import EvalOptions, evaluate, make_eval_set, make_loader, save_eval_outputs
 from iqa.patches import TrainPatchDataset, cache_images, decode_threads
 from iqa.runtime import (
-    UserError, all_reduce_mean, amp_dtype, append_jsonl, atomic_torch_save, atomic_write_json,
-    atomic_write_text, autocast, barrier, cosine_schedule, make_adamw, make_grad_scaler, rng_state, safe_load,
-    seed_everything, set_rng_state, to_model_input,
+    UserError, all_reduce_mean, amp_dtype, append_jsonl, atomic_torch_save, atomic_write_json, autocast, barrier,
+    cosine_schedule, first_nonfinite_parameter, make_adamw, make_grad_scaler, rng_state, safe_load, seed_everything,
+    set_rng_state, to_model_input, write_jsonl,
 )
 from models.hyperiqa_swin import HyperIQASwin
 from models.quality_encoder import ENCODER_FORMAT, QualityEncoder
@@ -202,10 +201,11 @@ class HyperIQASolver:
         self.scheduler = make_scheduler(self.optimizer, args.lr_scheduler, args.epochs * self.steps_per_epoch,
                                         self.steps_per_epoch, args.lr_step_epochs)
         self.epoch, self.best, self.history = 0, None, []
+        # Construction writes nothing (the caller creates the run directory once it succeeded);
+        # a fresh run writes its split when training starts.
+        self.split_samples = None if resume_from is not None else [*train_samples, *val_samples, *test_samples]
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-        elif dist_info.is_main:
-            write_split(os.path.join(run_dir, "split.json"), [*train_samples, *val_samples, *test_samples])
 
         net = self.model
         if dist_info.enabled:
@@ -255,26 +255,27 @@ class HyperIQASolver:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.best, self.history = ckpt["epoch"], ckpt["best"], ckpt["history"]
         set_rng_state(ckpt["rng"][self.dist.rank % len(ckpt["rng"])])
-        if self.dist.is_main:  # the log mirrors the checkpoint's history (drops epochs it lacks)
-            atomic_write_text(self.path("log.jsonl"), "".join(json.dumps(r) + "\n" for r in self.history))
         self.log(f"resumed from {path} after epoch {self.epoch}")
 
     def save_checkpoints(self, is_best):
         state = self.checkpoint()
         if self.dist.is_main:
             atomic_torch_save(state, self.path("last.pt"))
-            if is_best:
+            if is_best:  # a kill before this line is repaired on resume (see ``train``)
                 atomic_torch_save(state, self.path("best.pt"))
         barrier(self.dist)
 
     # ------------------------------------------------------------------ training
 
+    def kept(self):
+        """The checkpoint a run stopped now leaves to --resume from (``self.epoch`` = last saved epoch)."""
+        return f"last.pt (epoch {self.epoch})" if self.epoch else "no checkpoint (first epoch)"
+
     def check_finite(self, loss, epoch, step):
         loss = all_reduce_mean({"loss": loss}, self.dist)["loss"]
         if not np.isfinite(loss):
-            kept = f"last.pt (epoch {self.epoch})" if self.epoch else "no checkpoint (first epoch)"
             raise NonFiniteLossError(
-                f"training loss became {loss} at epoch {epoch} step {step}; stopped, keeping {kept} in "
+                f"training loss became {loss} at epoch {epoch} step {step}; stopped, keeping {self.kept()} in "
                 f"{self.run_dir}; lower --lr / --lr_ratio or use --amp bf16/off, then --resume or restart"
             )
         return loss
@@ -306,7 +307,13 @@ class HyperIQASolver:
             total += loss.detach()
             if step % args.log_every == 0:
                 bar.set_postfix(loss=f"{self.check_finite(total.item() / step, epoch, step):.4f}")
-        return self.check_finite(total.item() / n_batches, epoch, n_batches)
+        loss = self.check_finite(total.item() / n_batches, epoch, n_batches)
+        # The epoch's last update can blow the weights up before any loss shows it.
+        bad = first_nonfinite_parameter(self.model)
+        if bad is not None:
+            raise NonFiniteLossError(f"weights became non-finite ({bad}) in epoch {epoch}; stopped, keeping "
+                                     f"{self.kept()} in {self.run_dir}; lower --lr / --lr_ratio or use --amp bf16/off")
+        return loss
 
     def should_stop(self):
         if self.args.no_early_stopping or self.best is None:
@@ -315,6 +322,13 @@ class HyperIQASolver:
 
     def train(self):
         """Train to ``--epochs`` (or early stop), then evaluate; returns the results dict."""
+        if self.split_samples is None:  # resumed
+            if self.dist.is_main:  # the log mirrors the checkpoint's history, whatever a kill left in it
+                write_jsonl(self.path("log.jsonl"), self.history)
+            if self.best is not None and self.best["epoch"] == self.epoch:
+                self.save_checkpoints(is_best=True)  # last.pt is the best state; best.pt may have missed it
+        elif self.dist.is_main:
+            write_split(self.path("split.json"), self.split_samples)
         while self.epoch < self.args.epochs and not self.should_stop():
             start = time.time()
             epoch = self.epoch + 1

@@ -16,8 +16,8 @@ from iqa.evaluation import EvalOptions, evaluate, make_eval_set, parse_dataset_s
 from iqa import plots
 from iqa.datasets import read_index
 from iqa.runtime import (
-    UserError, amp_dtype, atomic_write_json, broadcast_object, cleanup_distributed, init_distributed, run_cli,
-    timestamp,
+    UserError, amp_dtype, atomic_write_json, broadcast_object, check_writable_path, cleanup_distributed,
+    init_distributed, run_cli, timestamp,
 )
 
 
@@ -60,9 +60,10 @@ def run(args, dist_info):
                                                           f"cross_dataset_{timestamp()}.json"), dist_info)
     if os.path.exists(output):
         raise UserError(f"--output '{output}' already exists; choose a new path")
+    check_writable_path(output, "--output")
     samples = {name: read_index(name, root) for name, root in specs.items()}  # every annotation checked first
     amp = amp_dtype(args.amp, dist_info.device)
-    eval_sets, results = {}, {}
+    eval_sets, results, plots_to_write = {}, {}, []
     for ckpt in args.checkpoint:
         scorer = load_scorer(ckpt, dist_info.device)
         resize = scorer.resize if args.resize is None else args.resize
@@ -77,11 +78,12 @@ def run(args, dist_info):
                 eval_sets[key] = make_eval_set(name, samples[name], resize, scorer.patch_size, dist_info)
             metrics, pred = evaluate(scorer.score, eval_sets[key], dist_info, opts)
             results[ckpt][name] = metrics
-            if dist_info.is_main:
-                png = f"{os.path.splitext(output)[0]}_{checkpoint_label(ckpt)}_{name}.png"
-                plots.plot_scatter(pred, [s.mos for s in samples[name]], png, title=f"{ckpt} on {name}",
-                                   metrics=metrics)
-    if dist_info.is_main:
+            plots_to_write.append((ckpt, name, pred))
+    if dist_info.is_main:  # all outputs at the end: a bad later checkpoint leaves nothing half-written
+        for ckpt, name, pred in plots_to_write:
+            png = f"{os.path.splitext(output)[0]}_{checkpoint_label(ckpt)}_{name}.png"
+            plots.plot_scatter(pred, [s.mos for s in samples[name]], png, title=f"{ckpt} on {name}",
+                               metrics=results[ckpt][name])
         print_table(results, list(specs))
         atomic_write_json(output, results)
         print(f"wrote {output}")

@@ -19,7 +19,7 @@ from HyperIQASolver_swin import load_scorer
 from iqa.evaluation import EvalOptions, predict_images
 from iqa.datasets import Sample
 from iqa.patches import cache_images
-from iqa.runtime import UserError, amp_dtype, atomic_write_text, resolve_device, run_cli
+from iqa.runtime import UserError, amp_dtype, atomic_write_text, check_writable_path, resolve_device, run_cli
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 CHUNK = 256  # images decoded at a time, so a large folder never sits in memory at once
@@ -58,6 +58,7 @@ def main(args):
         raise UserError("--batch_size and --test_patch_num must be at least 1")
     if os.path.exists(args.output):
         raise UserError(f"--output '{args.output}' already exists; choose a new path")
+    check_writable_path(args.output, "--output")
     files = list_images(args.input)
     device = resolve_device(args.device)
     scorer = load_scorer(args.checkpoint, device)

@@ -21,6 +21,7 @@ from iqa import runtime
 from iqa.datasets import read_index, select_split
 from iqa.metrics import all_metrics
 from iqa.evaluation import EvalOptions, evaluate, make_eval_set
+from iqa.patches import decode_threads, verify_images
 from iqa.plots import plot_scatter, plot_training_curves
 from iqa.runtime import UserError
 from models.clip_text import PROMPT_SETS, compute_text_features, load_text_features
@@ -34,6 +35,8 @@ from qualiclip_pretrain.degradation_generator import (
 )
 from qualiclip_pretrain.pretrain_dataset import PretrainDataset, list_image_dir
 from qualiclip_pretrain.qualiclip_loss import build_loss
+
+STATE_FORMAT = "qualiclip-pretrain-state/1"  # last.pt (resume state), as opposed to the encoder .pkl
 
 
 def get_args_parser():
@@ -120,13 +123,14 @@ def validate_args(args):
 
 
 def load_images(args):
-    """Clean training images and, when the root has MOS labels, the zero-shot validation samples."""
+    """Clean training images as ``(path, origin)`` and, when the root has MOS labels, the zero-shot
+    validation samples."""
     if args.image_dir:
-        return list_image_dir(args.image_dir), []
+        return [(path, None) for path in list_image_dir(args.image_dir)], []
     if not os.path.isdir(args.data_root):
         raise UserError(f"--data_root '{args.data_root}' does not exist; point it at KonIQ-10k or use --image_dir")
     samples = read_index("koniq-10k", args.data_root, seed=args.seed, split_file=args.split_file)
-    train = [s.path for s in select_split(samples, "train")]
+    train = [(s.path, s.origin) for s in select_split(samples, "train")]
     val = [] if args.no_eval else [s for s in samples if s.split == "val"]
     return train, val
 
@@ -165,10 +169,16 @@ def prepare_batch(batch, levels, args, device, generator):
     b, two, num_levels = crops.shape[:3]
     images = crops.flatten(0, 2)
     if args.degrade_on == "device":
-        dist_types = batch["dist_type"].to(device, non_blocking=True).repeat_interleave(two * num_levels)
-        level_ids = torch.as_tensor(levels, device=device).repeat(b * two)
+        # types stay on the host: degrade_batch then runs each type on its own rows only
+        dist_types = batch["dist_type"].repeat_interleave(two * num_levels)
+        level_ids = torch.as_tensor(levels).repeat(b * two)
         images = degrade_batch(images, dist_types, level_ids, generator=generator)
     return runtime.to_model_input(images, device, args.channels_last), (b, two, num_levels)
+
+
+def kept_checkpoint(epoch, save_dir):
+    """What a run stopped during ``epoch`` (0-based) leaves to --resume from."""
+    return f"last.pt (epoch {epoch}) in {save_dir} is kept" if epoch else "no checkpoint was written yet"
 
 
 def train_one_epoch(model, loader, loss_fn, text_features, optimizer, scheduler, scaler, epoch, args, state):
@@ -192,8 +202,8 @@ def train_one_epoch(model, loader, loss_fn, text_features, optimizer, scheduler,
         parts = loss_fn(features.float().view(*shape, -1), text_features)
         if not torch.isfinite(parts["loss"]).all():
             raise UserError(
-                f"loss became non-finite at epoch {epoch + 1}, step {it + 1}; the last good checkpoint is kept "
-                f"in {state['save_dir']}; try a smaller --lr or --amp off"
+                f"loss became non-finite at epoch {epoch + 1}, step {it + 1}; stopped, "
+                f"{kept_checkpoint(epoch, state['save_dir'])}; try a smaller --lr or --amp off"
             )
         scaler.scale(parts["loss"] / args.grad_accum).backward()
         if (it + 1) % args.grad_accum == 0 or it + 1 == len(loader):
@@ -233,7 +243,7 @@ def format_epoch(record, epochs):
 
 def save_training_state(path, model, optimizer, scheduler, scaler, epoch, args, history):
     runtime.atomic_torch_save({
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "format": STATE_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(), "epoch": epoch, "args": vars(args), "rng": runtime.rng_state(),
         "history": history,
     }, path)
@@ -243,9 +253,10 @@ def resolve_resume(path):
     checkpoint = os.path.join(path, "last.pt") if os.path.isdir(path) else path
     if not os.path.isfile(checkpoint):
         raise UserError(f"--resume '{path}': no last.pt there; pass a Stage-1 run directory or its last.pt")
-    state = runtime.safe_load(checkpoint, "checkpoint")
-    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "args"} <= set(state):
-        raise UserError(f"--resume '{checkpoint}' is not a Stage-1 training checkpoint (last.pt of pretrain_qualiclip.py)")
+    state = runtime.safe_load(checkpoint, "--resume checkpoint")
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise UserError(f"--resume '{checkpoint}' is not a Stage-1 training checkpoint; pass a pretrain_qualiclip.py "
+                        f"run directory or its last.pt")
     return os.path.dirname(os.path.abspath(checkpoint)), state
 
 
@@ -259,14 +270,15 @@ def main(args):
         save_dir, resume_state = resolve_resume(args.resume)
         args = runtime.restore_args(args, resume_state["args"])
         args.save_dir = save_dir
+    resuming = resume_state is not None
     # Every rank must agree on the timestamped default directory.
     args.save_dir = runtime.broadcast_object(args.save_dir or default_save_dir(), dist_info)
-    if dist_info.is_main:
-        runtime.prepare_output_dir(args.save_dir, resume=resume_state is not None)
-        print(f"run directory: {args.save_dir}", flush=True)
+    # Everything the user supplied is checked (and every image decoded once) before the run
+    # directory is written: a mistake leaves no half-made run behind.
+    runtime.check_output_dir(args.save_dir, resume=resuming, flag="--save_dir")
     runtime.seed_everything(args.seed + dist_info.rank, args.deterministic)
 
-    train_paths, val_samples = load_images(args)
+    train_images, val_samples = load_images(args)
     text_features, prompts = load_anchors(args)
     device = dist_info.device
     state = {
@@ -280,8 +292,10 @@ def main(args):
     ).to(device)
     if args.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
-    dataset = PretrainDataset(train_paths, args.crop_size, args.distortion_types, args.num_levels,
-                              args.degrade_on, args.seed)
+    # Workers decode lazily, so a bad file would otherwise only show up mid-epoch.
+    verify_images(train_images, threads=decode_threads(dist_info.world_size), progress=dist_info.is_main)
+    dataset = PretrainDataset([path for path, _ in train_images], args.crop_size, args.distortion_types,
+                              args.num_levels, args.degrade_on, args.seed)
     if len(dataset) < args.batch_size * dist_info.world_size and dist_info.enabled:
         raise UserError(f"{len(dataset)} training images cannot fill one batch per GPU; lower --batch_size")
     loader = make_loader(dataset, args, dist_info)
@@ -300,37 +314,48 @@ def main(args):
     scaler = runtime.make_grad_scaler(device, state["amp_dtype"])
 
     start_epoch, history = 0, []
-    if resume_state is not None:
+    if resuming:
         encoder.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         scaler.load_state_dict(resume_state["scaler"])
         runtime.set_rng_state(resume_state["rng"])
         start_epoch, history = resume_state["epoch"] + 1, list(resume_state["history"])
-        if dist_info.is_main:
-            print(f"resumed from epoch {start_epoch} of {args.epochs}", flush=True)
-    elif dist_info.is_main:
-        runtime.save_args(args.save_dir, args)
+
+    log_path = os.path.join(args.save_dir, "log.jsonl")
+    if dist_info.is_main:
+        runtime.prepare_output_dir(args.save_dir, resume=resuming, flag="--save_dir")
+        if resuming:
+            runtime.write_jsonl(log_path, history)  # the log holds exactly the checkpoint's epochs
+            print(f"resumed after epoch {start_epoch} of {args.epochs}", flush=True)
+        else:
+            runtime.save_args(args.save_dir, args)
+        print(f"run directory: {args.save_dir}\ntraining images: {len(dataset)}", flush=True)
+    runtime.barrier(dist_info)
 
     text_device = text_features.to(device)
     ckpt = lambda: encoder.checkpoint_dict(text_features, prompts, vars(args))  # noqa: E731
-    log_path = os.path.join(args.save_dir, "log.jsonl")
     val_pred = None
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()
         stats = train_one_epoch(forward, loader, loss_fn, text_device, optimizer, scheduler, scaler, epoch, args, state)
+        bad = runtime.first_nonfinite_parameter(encoder)
+        if bad is not None:
+            raise UserError(f"weights became non-finite ({bad}) in epoch {epoch + 1}; stopped, "
+                            f"{kept_checkpoint(epoch, args.save_dir)}; try a smaller --lr or --amp off")
         record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()},
                   "lr": {"encoder": optimizer.param_groups[0]["lr"]}, "time_s": time.time() - t0}
         if val_set is not None:
             val_pred, record["val"] = zero_shot_eval(encoder, val_set, text_device, args, state)
         history.append(record)
         if dist_info.is_main:
+            # Checkpoint first, then the log line; a resume rewrites the log from the checkpoint.
+            save_training_state(os.path.join(args.save_dir, "last.pt"), encoder, optimizer, scheduler, scaler,
+                                epoch, args, history)
             runtime.append_jsonl(log_path, record)
             print(format_epoch(record, args.epochs), flush=True)
             if args.save_freq and (epoch + 1) % args.save_freq == 0 and epoch + 1 < args.epochs:
                 runtime.atomic_torch_save(ckpt(), encoder_pkl_path(args.save_dir, args, epoch + 1))
-            save_training_state(os.path.join(args.save_dir, "last.pt"), encoder, optimizer, scheduler, scaler,
-                                epoch, args, history)
         runtime.barrier(dist_info)
 
     if val_set is not None and val_pred is None:  # resumed after the last epoch: evaluate once more

@@ -22,8 +22,8 @@ from HyperIQASolver_swin import DEFAULT_RESIZE, DEFAULT_TEST_PATCH_NUM, LOSSES, 
 from iqa.evaluation import make_eval_set, parse_dataset_specs
 from iqa.datasets import DATASET_NAMES, mos_bounds, read_index, select_split
 from iqa.runtime import (
-    RESUME_OVERRIDABLE, UserError, atomic_write_json, barrier, broadcast_object, cleanup_distributed,
-    init_distributed, prepare_output_dir, restore_args, run_cli, save_args, timestamp,
+    RESUME_OVERRIDABLE, UserError, atomic_write_json, barrier, broadcast_object, check_output_dir,
+    cleanup_distributed, init_distributed, prepare_output_dir, restore_args, run_cli, save_args, timestamp,
 )
 from models.swin_backbone import MODEL_SIZES
 
@@ -166,9 +166,19 @@ def locate_resume(path):
 def resumed_args(args):
     """The run's stored args; only ``runtime.RESUME_OVERRIDABLE`` flags come from this command line."""
     run_dir, ckpt = locate_resume(args.resume)
-    with open(os.path.join(run_dir, "args.json")) as f:
-        stored = json.load(f)
+    args_path = os.path.join(run_dir, "args.json")
+    try:
+        with open(args_path) as f:
+            stored = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"--resume '{args.resume}': cannot read {args_path} ({err}); pass a train_swin.py run "
+                        f"directory") from None
     defaults = vars(get_args_parser().parse_args([]))
+    # Settings this script does not know mean another script's run (e.g. a Stage-1 directory).
+    foreign = sorted(set(stored) - set(defaults)) if isinstance(stored, dict) else ["<not a JSON object>"]
+    if foreign:
+        raise UserError(f"--resume '{args.resume}': {args_path} was not written by train_swin.py (unknown "
+                        f"settings: {', '.join(foreign[:5])}); pass a train_swin.py run directory")
     ignored = [k for k, v in vars(args).items()
                if k not in RESUME_OVERRIDABLE and v != defaults.get(k) and v != stored.get(k)]
     if ignored:
@@ -186,18 +196,24 @@ def round_checkpoint(round_dir, explicit):
     return last if os.path.isfile(last) else None
 
 
-def run_round(args, round_dir, dist_info, splits, cross_sets, explicit_ckpt):
-    results_path = os.path.join(round_dir, "results.json")
-    if os.path.isfile(results_path):
-        if dist_info.is_main:
-            print(f"{round_dir} already finished; reading its results.json")
-        with open(results_path) as f:
-            return json.load(f)
+def round_solver(args, round_dir, dist_info, splits, cross_sets, explicit_ckpt):
+    """The round's solver (images decoded, model built, checkpoint loaded; nothing written yet),
+    or None when the round already finished."""
+    if os.path.isfile(os.path.join(round_dir, "results.json")):
+        return None
     ckpt = round_checkpoint(round_dir, explicit_ckpt) if args.resume else None
     samples, train_set, val_set, test_set = splits
-    solver = HyperIQASolver(args, train_set, val_set, test_set, dist_info, round_dir,
-                            bounds=mos_bounds(samples), cross_sets=cross_sets, resume_from=ckpt)
-    return solver.train()
+    return HyperIQASolver(args, train_set, val_set, test_set, dist_info, round_dir,
+                          bounds=mos_bounds(samples), cross_sets=cross_sets, resume_from=ckpt)
+
+
+def round_results(solver, round_dir, dist_info):
+    if solver is not None:
+        return solver.train()
+    if dist_info.is_main:
+        print(f"{round_dir} already finished; reading its results.json")
+    with open(os.path.join(round_dir, "results.json")) as f:
+        return json.load(f)
 
 
 def summarize(rounds):
@@ -229,17 +245,12 @@ def train(args, dist_info):
         check_args(args)
         default_dir = os.path.join("runs", f"train_swin_{args.dataset}_{args.model_size}_{timestamp()}")
         run_dir, explicit_ckpt = broadcast_object(args.output_dir or default_dir, dist_info), None
-    # Annotations and splits are checked before anything is written; every image is decoded
-    # (cross-dataset ones here, the others by the solver) before the first training step.
+        check_output_dir(run_dir)
+    # Nothing is written before the annotations, the splits, every image (decoded into the
+    # caches) and the model / checkpoint files have been checked: a mistake leaves no half-made run.
     first = split_dataset(read_dataset(args, args.seed), args.dataset)
     cross_samples = {name: read_index(name, root, seed=args.seed)
                      for name, root in parse_dataset_specs(args.cross_datasets, "--cross_datasets").items()}
-    if dist_info.is_main and not args.resume:
-        prepare_output_dir(run_dir)
-        save_args(run_dir, args)
-    barrier(dist_info)
-    if dist_info.is_main:
-        print(f"run directory: {run_dir}")
     cross_sets = {name: make_eval_set(name, samples, args.resize, args.patch_size, dist_info,
                                       on_device=args.cache_on_device)
                   for name, samples in cross_samples.items()}
@@ -248,11 +259,19 @@ def train(args, dist_info):
         round_args = argparse.Namespace(**{**vars(args), "seed": args.seed + k})
         splits = first if k == 0 else split_dataset(read_dataset(args, round_args.seed), args.dataset)
         round_dir = run_dir if args.train_test_num == 1 else os.path.join(run_dir, f"round_{k + 1}")
-        if args.train_test_num > 1 and dist_info.is_main and not os.path.isfile(os.path.join(round_dir, "args.json")):
-            prepare_output_dir(round_dir, resume=bool(args.resume))
-            save_args(round_dir, round_args)
+        solver = round_solver(round_args, round_dir, dist_info, splits, cross_sets, explicit_ckpt)
+        if dist_info.is_main:
+            if k == 0:
+                prepare_output_dir(run_dir, resume=bool(args.resume))
+                if not args.resume:
+                    save_args(run_dir, args)
+                print(f"run directory: {run_dir}")
+            if args.train_test_num > 1:
+                prepare_output_dir(round_dir, resume=bool(args.resume))
+                if not os.path.isfile(os.path.join(round_dir, "args.json")):
+                    save_args(round_dir, round_args)
         barrier(dist_info)
-        results = run_round(round_args, round_dir, dist_info, splits, cross_sets, explicit_ckpt)
+        results = round_results(solver, round_dir, dist_info)
         rounds.append({"round": k + 1, "seed": round_args.seed, "dir": round_dir, **results})
 
     if args.train_test_num > 1:

@@ -147,14 +147,16 @@ def normalize_mos(mos, bounds):
     return (mos - lo) / (hi - lo)
 
 
-def load_rgb(path, origin=None):
+def load_rgb(path, origin=None, *, reduced=False):
     """Decode an image fully into an 8-bit RGB PIL image.
 
     Any mode is accepted: 1/L/P/CMYK/YCbCr are converted; images with transparency (RGBA, LA,
     PA, P with a transparent colour) are composited onto white, as they would be printed;
     16-bit and 32-bit modes (I;16, I, F) are scaled to 8 bits over their full range rather than
     clipped.  The pixel data are loaded here, so truncated, empty or non-image files fail with a
-    UserError naming the file and the annotation row (``origin``).
+    UserError naming the file and the annotation row (``origin``).  ``reduced=True`` decodes
+    JPEGs at 1/8 scale (libjpeg DCT scaling still reads the whole stream): a cheap check that
+    a file decodes, with the same errors.
     """
     path = os.fspath(path)
     where = f" (listed at {origin})" if origin else ""
@@ -164,6 +166,8 @@ def load_rgb(path, origin=None):
         raise UserError(f"image '{path}'{where} is empty (0 bytes); replace the file or remove its row")
     try:
         with Image.open(path) as img:
+            if reduced:
+                img.draft(None, (1, 1))
             img.load()
             return _to_rgb(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:

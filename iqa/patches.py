@@ -47,18 +47,38 @@ def decode_threads(world_size=1):
     return max(1, min(16, (os.cpu_count() or 1) // max(1, world_size)))
 
 
+def _parallel_map(fn, items, threads, desc, progress):
+    """``[fn(x) for x in items]`` on a thread pool with a progress bar; the first error cancels the rest."""
+    with ThreadPoolExecutor(threads or decode_threads()) as pool:
+        try:
+            return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=not progress, leave=False))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
 def cache_images(samples, resize, patch_size, *, threads=None, device=None, desc="decode", progress=True):
     """Decode and resize every sample once (thread pool) -> list of uint8 tensors.
 
     A file that is missing or does not decode raises ``UserError`` naming it (from ``load_rgb``).
     ``device``: keep the cache there (``--cache_on_device``), so crops are sliced on the GPU.
     """
-    with ThreadPoolExecutor(threads or decode_threads()) as pool:
-        jobs = pool.map(lambda s: load_resized(s, resize, patch_size), samples)
-        images = list(tqdm(jobs, total=len(samples), desc=desc, disable=not progress, leave=False))
+    images = _parallel_map(lambda s: load_resized(s, resize, patch_size), samples, threads, desc, progress)
     if device is not None and torch.device(device).type != "cpu":
         images = [image.to(device) for image in images]
     return images
+
+
+def verify_images(items, *, threads=None, progress=True):
+    """Check that every ``(path, origin)`` decodes (JPEGs at reduced scale, see ``load_rgb``).
+
+    For data decoded lazily by workers (Stage 1): a bad file stops the run at start, named,
+    instead of mid-epoch.
+    """
+    def check(item):
+        datasets.load_rgb(*item, reduced=True)  # result dropped: only the decode matters
+
+    _parallel_map(check, items, threads, "check images", progress)
 
 
 def crop(image, top, left, patch_size):

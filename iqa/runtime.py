@@ -12,6 +12,7 @@ import math
 import os
 import pickle
 import random
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -42,11 +43,14 @@ def run_cli(main, args):
 
 # ----------------------------------------------------------------------------- file I/O
 
+TEMP_PREFIX = ".tmp-"  # temp files of atomic writes; a SIGKILL mid-save can leave one behind
+
+
 def _atomic_write(path, write_fn, mode):
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.basename(path), dir=directory)
     try:
         with os.fdopen(fd, mode) as f:
             write_fn(f)
@@ -80,6 +84,21 @@ def append_jsonl(path, record):
         os.fsync(f.fileno())
 
 
+def write_jsonl(path, records):
+    """Replace ``log.jsonl`` atomically with ``records``: on resume the log is rebuilt from the
+    checkpoint's history, so an epoch logged but not checkpointed (or the reverse) before a kill
+    is neither lost nor duplicated."""
+    atomic_write_text(path, "".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
+
+
+def remove_stale_temp_files(directory):
+    """Delete temp files that a run killed during an atomic write left in ``directory``."""
+    for name in os.listdir(directory):
+        if name.startswith(TEMP_PREFIX):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -99,6 +118,15 @@ def to_jsonable(obj):
     return obj
 
 
+def _unpickling_reason(err):
+    """The specific line of torch's weights-only refusal (e.g. 'Unsupported global: GLOBAL exec ...'),
+    without its terminal colour codes; else its first line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    match = re.search(r"WeightsUnpickler error: ([^\n]*?\.)(?:\s|$)", text)
+    reason = match.group(1) if match else (text.splitlines()[0] if text else type(err).__name__)
+    return reason[:160]
+
+
 def safe_load(path, what="checkpoint"):
     """``torch.load(path, weights_only=True)`` with one-line errors.
 
@@ -113,10 +141,9 @@ def safe_load(path, what="checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
             f"refusing to load {what} '{path}': it needs arbitrary unpickling, which could run "
-            f"code ({first[:160]}); only plain tensors/dicts saved by this project are accepted"
+            f"code ({_unpickling_reason(err)}); only plain tensors/dicts saved by this project are accepted"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -129,23 +156,50 @@ def timestamp():
     return datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
 
 
-def prepare_output_dir(path, resume=False):
-    """Create a run directory; refuse one that already holds a run unless resuming."""
+def _nearest_existing(path):
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_writable_path(path, flag):
+    """Fail before any work if ``path`` (a file or folder not made yet, or a folder) cannot be written.
+
+    Writes nothing: the nearest existing entry on the way to ``path`` must be a folder that this
+    process may write into.
+    """
+    existing = _nearest_existing(path)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} '{path}' cannot be created: '{existing}' is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} '{path}' cannot be created: folder '{existing}' is not writable; choose another path")
+
+
+def check_output_dir(path, resume=False, flag="--output_dir"):
+    """Validate a run directory without writing anything (called before the expensive set-up)."""
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--output_dir '{path}' exists and is not a directory; choose another path")
+        raise UserError(f"{flag} '{path}' exists and is not a directory; choose another path")
     if not resume and os.path.isdir(path) and any(
         os.path.exists(os.path.join(path, name)) for name in ("args.json", "log.jsonl", "results.json", "last.pt")
     ):
-        raise UserError(
-            f"--output_dir '{path}' already holds a run; choose a new directory or pass --resume {path}"
-        )
+        raise UserError(f"{flag} '{path}' already holds a run; choose a new directory or pass --resume {path}")
+    check_writable_path(path, flag)
+
+
+def prepare_output_dir(path, resume=False, flag="--output_dir"):
+    """Create a run directory; refuse one that already holds a run unless resuming."""
+    path = os.fspath(path)
+    check_output_dir(path, resume, flag)
     try:
         os.makedirs(path, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
         probe.close()
     except OSError as err:
-        raise UserError(f"output directory '{path}' is not writable ({err.strerror}); pass a writable --output_dir") from None
+        raise UserError(f"{flag} '{path}' is not writable ({err.strerror}); pass a writable {flag}") from None
+    if resume:
+        remove_stale_temp_files(path)
     return path
 
 
@@ -278,6 +332,17 @@ def to_model_input(images, device, channels_last=False):
     mean, std = _normalisation(torch.device(device))
     x = (images.to(device, non_blocking=True).float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def first_nonfinite_parameter(module):
+    """Name of a parameter holding NaN/inf, or None: checked before a checkpoint replaces the last
+    good one (the last step of an epoch can blow the weights up before any loss shows it)."""
+    named = [(name, p) for name, p in module.named_parameters() if p.is_floating_point()]
+    if not named:
+        return None
+    finite = torch.stack([p.detach().isfinite().all() for _, p in named]).cpu()  # one device sync
+    bad = (~finite).nonzero()
+    return named[int(bad[0])][0] if len(bad) else None
 
 
 # ----------------------------------------------------------------------------- schedule / RNG
