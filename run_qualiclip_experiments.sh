@@ -13,6 +13,9 @@ usage() {
 usage: ./run_qualiclip_experiments.sh [options] [-- extra flags for both train_swin.py runs]
 
   --demo                 built-in demo data (built if missing), Swin-nano, CPU-friendly epochs
+  --demo_dir DIR         where --demo builds its data (default ./demo_data)
+  --demo_size N          --demo with N KonIQ-10k images and max(3, N/5) per other dataset
+                         (default: tools/make_demo_data.py's, 160 and 32)
   --data_root DIR        KonIQ-10k root (default ./koniq-10k)
   --spaq_root DIR        SPAQ root for cross-dataset tests (default ./spaq, used if present)
   --kadid_root DIR       KADID-10k root (default ./kadid-10k, used if present)
@@ -39,6 +42,8 @@ MODEL_SIZE=base
 EPOCHS_PRETRAIN=10
 EPOCHS=50
 OUTPUT=""
+DEMO_DIR=""
+DEMO_SIZE=""
 PRETRAIN_ARGS=""
 EXTRA=()
 SET_SIZE=0; SET_EP_PRE=0; SET_EP=0
@@ -47,6 +52,8 @@ need_value() { [ "$#" -ge 2 ] && [ -n "$2" ] || { echo "error: $1 needs a value 
 while [ "$#" -gt 0 ]; do
   case "$1" in
     --demo) DEMO=1; shift ;;
+    --demo_dir) need_value "$@"; DEMO_DIR=$2; shift 2 ;;
+    --demo_size) need_value "$@"; DEMO_SIZE=$2; shift 2 ;;
     --data_root) need_value "$@"; DATA_ROOT=$2; shift 2 ;;
     --spaq_root) need_value "$@"; SPAQ_ROOT=$2; shift 2 ;;
     --kadid_root) need_value "$@"; KADID_ROOT=$2; shift 2 ;;
@@ -64,7 +71,17 @@ while [ "$#" -gt 0 ]; do
   esac
 done
 
-cd "$(dirname "$0")"
+if [ "$DEMO" = 0 ] && [ -n "$DEMO_DIR$DEMO_SIZE" ]; then
+  echo "error: --demo_dir and --demo_size only apply with --demo" >&2
+  exit 2
+fi
+case $DEMO_SIZE in
+  *[!0-9]*) echo "error: --demo_size must be a whole number of images, not '$DEMO_SIZE'" >&2; exit 2 ;;
+esac
+
+# Paths (flags and defaults) are relative to where the script is called from; the scripts are
+# found beside this file.
+REPO=$(cd "$(dirname "$0")" && pwd)
 STAMP=$(date +%Y%m%d_%H%M%S)
 OUTPUT=${OUTPUT:-results/$STAMP}
 if [ -e "$OUTPUT/summary.md" ]; then
@@ -91,20 +108,24 @@ run_step() {
 PRETRAIN_FLAGS=(--batch_size 8 --lr 5e-5)
 FINETUNE_FLAGS=(--use_multiscale --attention_fusion)
 if [ "$DEMO" = 1 ]; then
-  DEMO_DIR=demo_data
-  run_step make_demo "$PY" tools/make_demo_data.py --out "$DEMO_DIR"
+  DEMO_DIR=${DEMO_DIR:-demo_data}
+  DEMO_DATA_FLAGS=()
+  [ -z "$DEMO_SIZE" ] || DEMO_DATA_FLAGS=(--koniq "$DEMO_SIZE" --others $((DEMO_SIZE / 5 > 3 ? DEMO_SIZE / 5 : 3)))
+  run_step make_demo "$PY" "$REPO/tools/make_demo_data.py" --out "$DEMO_DIR" "${DEMO_DATA_FLAGS[@]}"
   DATA_ROOT=$DEMO_DIR/koniq-10k
   SPAQ_ROOT=$DEMO_DIR/spaq; KADID_ROOT=$DEMO_DIR/kadid-10k
   AGIQA_ROOT=$DEMO_DIR/agiqa-3k; LIVEC_ROOT=$DEMO_DIR/livec
   [ "$SET_SIZE" = 1 ] || MODEL_SIZE=nano
-  [ "$SET_EP_PRE" = 1 ] || EPOCHS_PRETRAIN=1
-  [ "$SET_EP" = 1 ] || EPOCHS=3
+  [ "$SET_EP_PRE" = 1 ] || EPOCHS_PRETRAIN=2
+  [ "$SET_EP" = 1 ] || EPOCHS=6
   # No CLIP weights can be downloaded offline: the demo uses the CLIP cache when it has RN50,
   # otherwise fixed random anchors, written to a file and flagged in the summary.
-  run_step text_anchors "$PY" tools/make_text_features.py --out "$DEMO_DIR/text_features.pt" --fallback_random 1024
+  run_step text_anchors "$PY" "$REPO/tools/make_text_features.py" --out "$DEMO_DIR/text_features.pt" \
+    --fallback_random 1024
   PRETRAIN_FLAGS=(--batch_size 4 --lr 1e-4 --num_workers 0 --text_features "$DEMO_DIR/text_features.pt"
                   --eval_patch_num 2)
-  FINETUNE_FLAGS+=(--batch_size 16 --train_patch_num 2 --test_patch_num 2 --num_workers 0 --lr 2e-4
+  # A random-init nano learns from scratch: a far higher LR than ImageNet fine-tuning needs.
+  FINETUNE_FLAGS+=(--batch_size 16 --train_patch_num 4 --test_patch_num 2 --num_workers 0 --lr 3e-4 --lr_ratio 3
                    --lr_encoder_pretrained 1e-4 --no_early_stopping)
 fi
 if [ "$MODEL_SIZE" = nano ]; then
@@ -115,15 +136,14 @@ fi
 echo "results directory: $OUTPUT"
 # shellcheck disable=SC2206  # --pretrain_args is a flag string split on purpose
 PRETRAIN_EXTRA=($PRETRAIN_ARGS)
-run_step pretrain "$PY" pretrain_qualiclip.py --data_root "$DATA_ROOT" --model_size "$MODEL_SIZE" \
+run_step pretrain "$PY" "$REPO/pretrain_qualiclip.py" --data_root "$DATA_ROOT" --model_size "$MODEL_SIZE" \
   --epochs "$EPOCHS_PRETRAIN" --save_dir "$OUTPUT/pretrain" "${PRETRAIN_FLAGS[@]}" "${PRETRAIN_EXTRA[@]}"
 ENCODER="$OUTPUT/pretrain/swin_${MODEL_SIZE}_qualiclip_pretrained.pkl"
 
-run_step baseline "$PY" train_swin.py --dataset koniq-10k --data_root "$DATA_ROOT" --model_size "$MODEL_SIZE" \
-  --epochs "$EPOCHS" --output_dir "$OUTPUT/baseline" "${FINETUNE_FLAGS[@]}" "${EXTRA[@]}"
-run_step pretrained "$PY" train_swin.py --dataset koniq-10k --data_root "$DATA_ROOT" --model_size "$MODEL_SIZE" \
-  --epochs "$EPOCHS" --output_dir "$OUTPUT/pretrained" "${FINETUNE_FLAGS[@]}" \
-  --pretrained_encoder "$ENCODER" "${EXTRA[@]}"
+FINETUNE=("$PY" "$REPO/train_swin.py" --dataset koniq-10k --data_root "$DATA_ROOT" --model_size "$MODEL_SIZE"
+          --epochs "$EPOCHS" "${FINETUNE_FLAGS[@]}")
+run_step baseline "${FINETUNE[@]}" --output_dir "$OUTPUT/baseline" "${EXTRA[@]}"
+run_step pretrained "${FINETUNE[@]}" --output_dir "$OUTPUT/pretrained" --pretrained_encoder "$ENCODER" "${EXTRA[@]}"
 
 CROSS=()
 [ -d "$SPAQ_ROOT" ] && CROSS+=("spaq=$SPAQ_ROOT")
@@ -132,8 +152,8 @@ CROSS=()
 [ -d "$LIVEC_ROOT" ] && CROSS+=("livec=$LIVEC_ROOT")
 if [ "${#CROSS[@]}" -gt 0 ]; then
   CROSS_FLAGS=()
-  [ "$DEMO" = 1 ] && CROSS_FLAGS=(--test_patch_num 2)
-  run_step cross_dataset "$PY" cross_dataset_test.py \
+  [ "$DEMO" = 1 ] && CROSS_FLAGS=(--test_patch_num 2 --num_workers 0)
+  run_step cross_dataset "$PY" "$REPO/cross_dataset_test.py" \
     --checkpoint "$OUTPUT/baseline/best.pt" "$OUTPUT/pretrained/best.pt" \
     --datasets "${CROSS[@]}" --output "$OUTPUT/cross_dataset.json" "${CROSS_FLAGS[@]}"
 else
@@ -142,6 +162,6 @@ fi
 
 SUMMARY_FLAGS=()
 [ "$DEMO" = 1 ] && SUMMARY_FLAGS=(--demo)
-run_step summary "$PY" tools/summarize_experiment.py "$OUTPUT" "${SUMMARY_FLAGS[@]}"
+run_step summary "$PY" "$REPO/tools/summarize_experiment.py" "$OUTPUT" "${SUMMARY_FLAGS[@]}"
 cat "$OUTPUT/summary.md"
 echo "results directory: $OUTPUT"

@@ -24,7 +24,12 @@ def demo(tmp_path_factory):
 def test_every_demo_dataset_reads_back_with_mos_tracking_the_degradation(demo):
     out, roots = demo
     with open(out / "demo_truth.csv", newline="") as f:
-        strength = {(row["dataset"], row["image"]): float(row["strength"]) for row in csv.DictReader(f)}
+        truth = list(csv.DictReader(f))
+    strength = {(row["dataset"], row["image"]): float(row["strength"]) for row in truth}
+    # KADID-10k is synthetic (one distortion per image, as its file names say); the rest are mixtures
+    kinds = {name: {row["distortion"] for row in truth if row["dataset"] == name} for name in roots}
+    assert kinds.pop("kadid-10k") == set(make_demo_data.DISTORTIONS)
+    assert all(found == {make_demo_data.MIXED} for found in kinds.values()), kinds
     assert set(roots) == {"koniq-10k", "spaq", "kadid-10k", "agiqa-3k", "livec"}
     for name, root in roots.items():
         samples = read_index(name, root)
@@ -46,8 +51,18 @@ def test_demo_is_idempotent_and_rebuilds_on_force(demo):
     assert marker.stat().st_mtime_ns == before
     assert make_demo_data.is_complete(str(out), make_demo_data.demo_settings(12, 8, 0, (512, 384)))
     assert not make_demo_data.is_complete(str(out), make_demo_data.demo_settings(12, 8, 1, (512, 384)))
+    older = {**make_demo_data.demo_settings(12, 8, 0, (512, 384)), "version": make_demo_data.DEMO_VERSION - 1}
+    assert not make_demo_data.is_complete(str(out), older)  # an older generator's folder is rebuilt
     make_demo_data.build_demo(out, n_koniq=12, n_others=8, seed=0, force=True)
     assert marker.stat().st_mtime_ns != before
+
+
+def test_smallest_demo_has_two_images_in_each_evaluation_split(tmp_path):
+    roots = make_demo_data.build_demo(tmp_path / "small", n_koniq=5, n_others=3, size=(128, 96))
+    samples = read_index("koniq-10k", roots["koniq-10k"])
+    assert [len(select_split(samples, s, "koniq-10k")) for s in ("train", "val", "test")] == [1, 2, 2]
+    with pytest.raises(UserError, match="--koniq must be at least 5"):
+        make_demo_data.build_demo(tmp_path / "too_small", n_koniq=4, n_others=3)
 
 
 def test_demo_refuses_to_replace_a_foreign_folder(tmp_path):

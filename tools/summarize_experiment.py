@@ -1,6 +1,7 @@
 """Collect one run of run_qualiclip_experiments.sh into summary.md, summary.json and plots.
 
-Reads ``<results>/pretrain/results.json``, ``<results>/{baseline,pretrained}/results.json`` and
+Reads ``<results>/pretrain/results.json`` (and ``args.json``, to tell whether Stage 1 used the
+offline demo's random text anchors), ``<results>/{baseline,pretrained}/results.json`` and
 ``log.jsonl``, ``<results>/cross_dataset.json`` and the step timings written by the pipeline,
 and fills in the two tables of QUALICLIP_PRETRAIN_GUIDE.md.
 
@@ -23,6 +24,8 @@ from iqa.runtime import UserError  # noqa: E402
 
 MODELS = (("baseline", "Baseline (No Pretrain)"), ("pretrained", "QualiCLIP Pretrain"))
 CROSS_NAMES = (("spaq", "SPAQ"), ("kadid-10k", "KADID-10K"), ("agiqa-3k", "AGIQA-3K"), ("livec", "LIVE-C"))
+RANDOM_ANCHORS_NOTE = ("Stage 1 trained against fixed random text anchors (no CLIP weights were available "
+                       "offline), not against CLIP's prompt features.")
 DEMO_NOTE = ("> **Demo data.** These numbers come from the built-in demo datasets: scikit-image photographs "
              "with synthetic degradations whose MOS follows the degradation strength. They check that the "
              "pipeline works; they say nothing about KonIQ-10k or any real IQA benchmark.")
@@ -69,11 +72,22 @@ def checkpoint_results(cross, model_dir):
     return {}
 
 
+def used_random_anchors(results_dir):
+    """True when Stage 1's --text_features file is tools/make_text_features.py's random stand-in."""
+    args = read_json(os.path.join(results_dir, "pretrain", "args.json"), required=False) or {}
+    path = args.get("text_features")
+    if not path or not os.path.isfile(path):
+        return False
+    anchors = runtime.safe_load(path, "--text_features")
+    return isinstance(anchors, dict) and bool(anchors.get("random"))
+
+
 def collect(results_dir):
     timings = read_timings(os.path.join(results_dir, "timings.tsv"))
     pretrain = read_json(os.path.join(results_dir, "pretrain", "results.json"))
     cross = read_json(os.path.join(results_dir, "cross_dataset.json"), required=False)
-    summary = {"pretrain": {"zero_shot_val": pretrain.get("zero_shot_val"), "time_s": timings.get("pretrain")},
+    summary = {"pretrain": {"zero_shot_val": pretrain.get("zero_shot_val"), "time_s": timings.get("pretrain"),
+                            "random_anchors": used_random_anchors(results_dir)},
                "models": {}}
     for key, _ in MODELS:
         run = read_json(os.path.join(results_dir, key, "results.json"))
@@ -92,6 +106,8 @@ def render_markdown(summary, demo):
     lines = ["# QualiCLIP pretraining experiment", ""]
     if demo:
         lines += [DEMO_NOTE, ""]
+    if summary["pretrain"]["random_anchors"]:
+        lines += [RANDOM_ANCHORS_NOTE, ""]
     zero_shot = summary["pretrain"]["zero_shot_val"]
     if zero_shot:
         lines += [f"Stage 1 ({format_duration(summary['pretrain']['time_s'])}): zero-shot SRCC/PLCC of the encoder "
