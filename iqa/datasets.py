@@ -331,13 +331,18 @@ def _koniq_json_splits(train_json, test_json, seed):
     return splits
 
 
-def _json_names(path):
-    """[(image name, origin)] from a JSON list of names or of {"image": ...} records."""
+def _read_json(path, what, advice):
+    """Parsed JSON of ``path``; a syntax error is a one-line UserError naming ``what``."""
     with open(path, encoding="utf-8-sig") as f:
         try:
-            data = json.load(f)
+            return json.load(f)
         except json.JSONDecodeError as err:
-            raise UserError(f"'{path}' is not valid JSON ({err.msg} at line {err.lineno}); fix or regenerate it") from None
+            raise UserError(f"{what} is not valid JSON ({err.msg} at line {err.lineno}); {advice}") from None
+
+
+def _json_names(path):
+    """[(image name, origin)] from a JSON list of names or of {"image": ...} records."""
+    data = _read_json(path, f"'{path}'", "fix or regenerate it")
     if isinstance(data, dict):
         inner = next((data[k] for k in _JSON_LIST_KEYS if isinstance(data.get(k), list)), None)
         data = inner if inner is not None else list(data)  # {name: score} maps
@@ -485,11 +490,7 @@ def _split_table(path):
 
 def _split_json(path):
     """{image name: (split, origin)} from {"train": [...], "val": [...], "test": [...]}."""
-    with open(path, encoding="utf-8-sig") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise UserError(f"--split_file '{path}' is not valid JSON ({err.msg} at line {err.lineno}); fix it") from None
+    data = _read_json(path, f"--split_file '{path}'", "fix it")
     if not isinstance(data, dict) or not data:
         raise UserError(f"--split_file '{path}' must be a JSON object {{\"train\": [names], \"val\": [...], \"test\": [...]}}")
     splits = {}
