@@ -1,6 +1,7 @@
 """Stage-2 training and evaluation of Swin-HyperIQA (DESIGN §4.2).
 
-``HyperIQASolver`` fine-tunes on MOS rescaled to [0, 1] (bounds of the training dataset):
+``HyperIQASolver`` fine-tunes on MOS rescaled to [0, 1] with the MOS range of the training split
+only (val/test MOS never leak into the targets):
 
 * differential learning rates: the Swin encoder at ``--lr`` (or ``--lr_encoder_pretrained``
   when starting from a Stage-1 encoder), everything else at ``--lr × --lr_ratio``; AdamW; the
@@ -17,9 +18,10 @@
   accumulation; the loss is only read back from the device every ``--log_every`` steps.
 
 ``load_scorer`` turns a checkpoint of either stage into a scorer for ``iqa.evaluation`` (shared
-with ``cross_dataset_test.py`` and ``predict.py``).  Predictions are reported on the MOS scale of
-the evaluated dataset: a score p in [0, 1] becomes lo + p·(hi − lo) with that dataset's MOS
-range, so RMSE is in MOS units (SRCC/PLCC/KRCC do not depend on this mapping).
+with ``cross_dataset_test.py`` and ``predict.py``).  Val/test predictions are reported on the
+training MOS scale (a score p becomes lo + p·(hi − lo) with the training split's range, so they
+may fall slightly outside the val/test MOS range) with the raw ``rmse`` in MOS units;
+cross-dataset sets report ``rmse_logistic`` only (see ``iqa.evaluation``).
 """
 import contextlib
 import os
@@ -37,7 +39,7 @@ from tqdm import tqdm
 from iqa import plots
 from iqa.datasets import mos_bounds, normalize_mos
 from iqa.evaluation import EvalOptions, evaluate, make_eval_set, make_loader, save_eval_outputs
-from iqa.patches import TrainPatchDataset, cache_images, decode_threads
+from iqa.patches import DEFAULT_RESIZE, TrainPatchDataset, cache_images, decode_threads
 from iqa.runtime import (
     UserError, all_reduce_mean, amp_dtype, append_jsonl, atomic_torch_save, atomic_write_json, autocast, barrier,
     cosine_schedule, first_nonfinite_parameter, make_adamw, make_grad_scaler, rng_state, safe_load, seed_everything,
@@ -48,7 +50,6 @@ from models.quality_encoder import ENCODER_FORMAT, QualityEncoder
 
 CHECKPOINT_FORMAT = "swin-hyperiqa/1"
 PATCH_SIZE = 224          # the Swin backbones take 224×224 inputs
-DEFAULT_RESIZE = 384      # shorter side; KonIQ 1024×768 -> 512×384, as in HyperIQA
 DEFAULT_TEST_PATCH_NUM = 10
 FINAL_LR_RATIO = 0.01     # cosine ends at 1% of each group's LR
 STEP_LR_GAMMA = 0.1
@@ -115,8 +116,11 @@ def load_scorer(path, device):
         encoder, text_features = QualityEncoder.from_checkpoint(ckpt, path)
         encoder.to(device).eval()
         text_features = text_features.to(device)
-        return Scorer(lambda x: encoder.score(x, text_features), "stage1", DEFAULT_RESIZE, PATCH_SIZE,
-                      DEFAULT_TEST_PATCH_NUM)
+        # Scored as Stage 1 validated it: its resize, crop size and number of grid crops.
+        args = ckpt.get("args", {})
+        resize = args.get("eval_resize", args.get("resize", DEFAULT_RESIZE))
+        return Scorer(lambda x: encoder.score(x, text_features), "stage1", resize, args.get("crop_size", PATCH_SIZE),
+                      args.get("eval_patch_num", DEFAULT_TEST_PATCH_NUM))
     model = model_from_checkpoint(ckpt, path).to(device).eval()
     args = ckpt["args"]
     return Scorer(model, "stage2", args["resize"], args["patch_size"], args["test_patch_num"],
@@ -124,12 +128,13 @@ def load_scorer(path, device):
 
 
 def param_groups(model, args):
-    """Encoder at ``--lr`` (``--lr_encoder_pretrained`` with ``--pretrained_encoder``); the rest at lr × ratio."""
+    """Encoder at ``--lr`` (``--lr_encoder_pretrained`` with ``--pretrained_encoder`` or ``--match_pretrained_lr``);
+    the rest at lr × ratio."""
     encoder, head = model.encoder_parameters(), model.head_parameters()
     grouped = {id(p) for p in encoder} | {id(p) for p in head}
     if len(grouped) != len(encoder) + len(head) or grouped != {id(p) for p in model.parameters()}:
         raise ValueError("encoder_parameters() and head_parameters() must split the model's parameters exactly")
-    encoder_lr = args.lr_encoder_pretrained if args.pretrained_encoder else args.lr
+    encoder_lr = args.lr_encoder_pretrained if args.pretrained_encoder or args.match_pretrained_lr else args.lr
     return [
         {"name": "encoder", "params": encoder, "lr": encoder_lr},
         {"name": "head", "params": head, "lr": args.lr * args.lr_ratio},
@@ -167,7 +172,7 @@ class HyperIQASolver:
         self.run_dir = run_dir
         self.cross_sets = cross_sets or {}
         self.amp = amp_dtype(args.amp, self.device)
-        self.bounds = tuple(bounds or mos_bounds([*train_samples, *val_samples, *test_samples]))
+        self.bounds = tuple(bounds if bounds is not None else mos_bounds(train_samples))
         seed_everything(args.seed + dist_info.rank, args.deterministic)
 
         self.model = build_model(vars(args), load_backbone=resume_from is None)

@@ -12,16 +12,17 @@ import argparse
 import os
 import time
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from iqa import runtime
-from iqa.datasets import read_index, select_split
+from iqa.datasets import DEFAULT_SPLIT_SEED, read_index, select_split
 from iqa.metrics import all_metrics
 from iqa.evaluation import EvalOptions, evaluate, make_eval_set
-from iqa.patches import decode_threads, verify_images
+from iqa.patches import DEFAULT_RESIZE, decode_threads, verify_images
 from iqa.plots import plot_scatter, plot_training_curves
 from iqa.runtime import UserError
 from models.clip_text import PROMPT_SETS, compute_text_features, load_text_features
@@ -48,6 +49,15 @@ def get_args_parser():
     data.add_argument("--image_dir", default=None,
                       help="use every image under this folder instead of KonIQ-10k's training split")
     data.add_argument("--split_file", default=None, help="KonIQ split override (JSON or CSV, see README)")
+    data.add_argument("--split_seed", type=int, default=DEFAULT_SPLIT_SEED,
+                      help="seed of the dataset split where no official one exists (train_swin.py has the same "
+                           "flag and default, so both stages see one split); independent of --seed")
+    data.add_argument("--heldout_fraction", type=float, default=0.05,
+                      help="with --image_dir: fraction of the images held out of training (seeded by --split_seed) "
+                           "for the label-free validation")
+    data.add_argument("--resize", type=int, default=DEFAULT_RESIZE,
+                      help="shorter side of the clean images before cropping, aspect kept, as in Stage 2 "
+                           "(0 = native size)")
     data.add_argument("--crop_size", type=int, default=224, help="crop side (a multiple of 32)")
     data.add_argument("--num_levels", type=int, default=5, help="degradation levels per type, 1..5 (evenly spaced)")
     data.add_argument("--distortion_types", nargs="+", default=list(DISTORTION_TYPES),
@@ -55,7 +65,8 @@ def get_args_parser():
     data.add_argument("--degrade_on", choices=("device", "worker"), default="device",
                       help="device: blur/noise/brightness batched on the training device (fast); "
                            "worker: everything with PIL in the data workers")
-    data.add_argument("--eval_resize", type=int, default=384, help="shorter side of images for zero-shot eval")
+    data.add_argument("--eval_resize", type=int, default=None,
+                      help="shorter side of images for zero-shot eval (default: --resize)")
     data.add_argument("--eval_patch_num", type=int, default=5, help="grid crops averaged per image in zero-shot eval")
     data.add_argument("--no_eval", action="store_true", help="skip the per-epoch zero-shot evaluation")
 
@@ -116,23 +127,48 @@ def validate_args(args):
             raise UserError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
     if args.num_workers < 0 or args.save_freq < 0:
         raise UserError("--num_workers and --save_freq must be >= 0")
+    if not 0 <= args.heldout_fraction < 1:
+        raise UserError(f"--heldout_fraction must be in [0, 1) (got {args.heldout_fraction})")
+    if args.eval_resize is None:
+        args.eval_resize = args.resize
+    for flag in ("resize", "eval_resize"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} must be 0 (native size) or a side length (got {getattr(args, flag)})")
     if not 0 < args.min_lr <= args.lr:
         raise UserError(f"--min_lr ({args.min_lr}) must be in (0, --lr={args.lr}]")
     if args.data_root is None and args.image_dir is None:
         args.data_root = "koniq-10k"
 
 
+def holdout_split(paths, fraction, seed):
+    """(train, held out): a seeded ``fraction`` of ``paths`` (at least one image when fraction > 0) held out."""
+    n_heldout = max(1, round(fraction * len(paths))) if fraction > 0 and len(paths) > 1 else 0
+    heldout = set(np.random.default_rng(seed).permutation(len(paths))[:n_heldout].tolist())
+    return ([p for i, p in enumerate(paths) if i not in heldout], [p for i, p in enumerate(paths) if i in heldout])
+
+
 def load_images(args):
-    """Clean training images as ``(path, origin)`` and, when the root has MOS labels, the zero-shot
-    validation samples."""
+    """``(train images as (path, origin), held-out clean image paths, labelled validation samples)``.
+
+    The held-out images are never trained on: KonIQ-10k's validation split (whose MOS also give the
+    zero-shot SRCC/PLCC), or a seeded ``--heldout_fraction`` of ``--image_dir`` (no labels).  Both
+    depend on ``--split_seed`` only, never on ``--seed``.
+    """
     if args.image_dir:
-        return [(path, None) for path in list_image_dir(args.image_dir)], []
+        train, heldout = holdout_split(list_image_dir(args.image_dir), args.heldout_fraction, args.split_seed)
+        return [(path, None) for path in train], heldout, []
     if not os.path.isdir(args.data_root):
         raise UserError(f"--data_root '{args.data_root}' does not exist; point it at KonIQ-10k or use --image_dir")
-    samples = read_index("koniq-10k", args.data_root, seed=args.seed, split_file=args.split_file)
+    samples = read_index("koniq-10k", args.data_root, seed=args.split_seed, split_file=args.split_file)
     train = [(s.path, s.origin) for s in select_split(samples, "train")]
-    val = [] if args.no_eval else [s for s in samples if s.split == "val"]
-    return train, val
+    val = [s for s in samples if s.split == "val"]
+    return train, [s.path for s in val], ([] if args.no_eval else val)
+
+
+def image_names(paths, args):
+    """Image paths relative to ``--image_dir`` or ``--data_root``: what the .pkl records as ``train_images``."""
+    root = args.image_dir or args.data_root
+    return [os.path.relpath(path, root) for path in paths]
 
 
 def load_anchors(args):
@@ -172,7 +208,8 @@ def prepare_batch(batch, levels, args, device, generator):
         # types stay on the host: degrade_batch then runs each type on its own rows only
         dist_types = batch["dist_type"].repeat_interleave(two * num_levels)
         level_ids = torch.as_tensor(levels).repeat(b * two)
-        images = degrade_batch(images, dist_types, level_ids, generator=generator)
+        # Rows run (image, crop, level): the levels of a crop share one noise field, as in the workers.
+        images = degrade_batch(images, dist_types, level_ids, generator=generator, noise_group_size=num_levels)
     return runtime.to_model_input(images, device, args.channels_last), (b, two, num_levels)
 
 
@@ -224,10 +261,16 @@ def train_one_epoch(model, loader, loss_fn, text_features, optimizer, scheduler,
 
 
 def zero_shot_eval(encoder, eval_set, text_features, args, state):
-    """SRCC/PLCC of the encoder's zero-shot score against MOS on the validation split."""
+    """SRCC/PLCC of the encoder's zero-shot score against MOS on the validation split, in eval mode
+    (stochastic depth off: the score of an image must not depend on the call)."""
     opts = EvalOptions(args.eval_patch_num, args.crop_size, max(8, args.batch_size * 4), state["amp_dtype"],
                        args.channels_last, seed=args.seed)
-    metrics, pred = evaluate(lambda x: encoder.score(x, text_features), eval_set, state["dist"], opts)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        metrics, pred = evaluate(lambda x: encoder.score(x, text_features), eval_set, state["dist"], opts)
+    finally:
+        encoder.train(was_training)
     return pred, metrics
 
 
@@ -278,7 +321,7 @@ def main(args):
     runtime.check_output_dir(args.save_dir, resume=resuming, flag="--save_dir")
     runtime.seed_everything(args.seed + dist_info.rank, args.deterministic)
 
-    train_images, val_samples = load_images(args)
+    train_images, heldout_paths, val_samples = load_images(args)
     text_features, prompts = load_anchors(args)
     device = dist_info.device
     state = {
@@ -295,7 +338,7 @@ def main(args):
     # Workers decode lazily, so a bad file would otherwise only show up mid-epoch.
     verify_images(train_images, threads=decode_threads(dist_info.world_size), progress=dist_info.is_main)
     dataset = PretrainDataset([path for path, _ in train_images], args.crop_size, args.distortion_types,
-                              args.num_levels, args.degrade_on, args.seed)
+                              args.num_levels, args.degrade_on, args.seed, resize=args.resize)
     if len(dataset) < args.batch_size * dist_info.world_size and dist_info.enabled:
         raise UserError(f"{len(dataset)} training images cannot fill one batch per GPU; lower --batch_size")
     loader = make_loader(dataset, args, dist_info)
@@ -334,7 +377,8 @@ def main(args):
     runtime.barrier(dist_info)
 
     text_device = text_features.to(device)
-    ckpt = lambda: encoder.checkpoint_dict(text_features, prompts, vars(args))  # noqa: E731
+    trained_on = image_names([path for path, _ in train_images], args)
+    ckpt = lambda: encoder.checkpoint_dict(text_features, prompts, vars(args), trained_on)  # noqa: E731
     val_pred = None
     for epoch in range(start_epoch, args.epochs):
         t0 = time.time()

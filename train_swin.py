@@ -18,12 +18,14 @@ import re
 
 import numpy as np
 
-from HyperIQASolver_swin import DEFAULT_RESIZE, DEFAULT_TEST_PATCH_NUM, LOSSES, PATCH_SIZE, SCHEDULERS, HyperIQASolver
+from HyperIQASolver_swin import DEFAULT_TEST_PATCH_NUM, LOSSES, PATCH_SIZE, SCHEDULERS, HyperIQASolver
 from iqa.evaluation import make_eval_set, parse_dataset_specs
-from iqa.datasets import DATASET_NAMES, mos_bounds, read_index, select_split
+from iqa.datasets import DATASET_NAMES, DEFAULT_SPLIT_SEED, read_index, select_split
+from iqa.patches import DEFAULT_RESIZE
+from models.quality_encoder import ENCODER_FORMAT
 from iqa.runtime import (
     RESUME_OVERRIDABLE, UserError, atomic_write_json, barrier, broadcast_object, check_output_dir,
-    cleanup_distributed, init_distributed, prepare_output_dir, restore_args, run_cli, save_args, timestamp,
+    cleanup_distributed, init_distributed, prepare_output_dir, restore_args, run_cli, safe_load, save_args, timestamp,
 )
 from models.swin_backbone import MODEL_SIZES
 
@@ -39,6 +41,9 @@ def get_args_parser():
                       "for --dataset csv the CSV file")
     data.add_argument("--split_file", default=None, help="JSON {train,val,test: [names]} or CSV with a set column; "
                       "overrides the dataset's split (a run's split.json can be passed back)")
+    data.add_argument("--split_seed", type=int, default=DEFAULT_SPLIT_SEED,
+                      help="seed of the dataset split where no official one exists (round k of --train_test_num "
+                           "uses split_seed + k); pretrain_qualiclip.py has the same flag and default")
     data.add_argument("--image_col", default=None, help="image column of --dataset csv")
     data.add_argument("--score_col", default=None, help="score column of --dataset csv (higher = better)")
     data.add_argument("--resize", type=int, default=DEFAULT_RESIZE,
@@ -68,6 +73,9 @@ def get_args_parser():
                        help="random-init backbone")
     model.add_argument("--pretrained_encoder", nargs="+", default=None, metavar="PKL",
                        help="Stage-1 encoder .pkl (several matches of a glob: the newest is used)")
+    model.add_argument("--allow_pretrain_overlap", action="store_true",
+                       help="start even if the Stage-1 encoder was trained on some of the validation/test images "
+                            "(the results are then not a clean evaluation)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=50)
@@ -76,6 +84,9 @@ def get_args_parser():
     optim.add_argument("--lr_ratio", type=float, default=10.0, help="head learning rate = --lr x --lr_ratio")
     optim.add_argument("--lr_encoder_pretrained", type=float, default=1e-6,
                        help="encoder learning rate with --pretrained_encoder")
+    optim.add_argument("--match_pretrained_lr", action="store_true",
+                       help="use --lr_encoder_pretrained as the encoder LR without a pretrained encoder (head LR "
+                            "unchanged): the baseline that differs from a --pretrained_encoder run only in its init")
     optim.add_argument("--weight_decay", type=float, default=5e-4)
     optim.add_argument("--lr_scheduler", default="cosine", choices=SCHEDULERS,
                        help="per step: cosine to 1%% of each group's LR, constant, or x0.1 every --lr_step_epochs")
@@ -174,6 +185,8 @@ def resumed_args(args):
         raise UserError(f"--resume '{args.resume}': cannot read {args_path} ({err}); pass a train_swin.py run "
                         f"directory") from None
     defaults = vars(get_args_parser().parse_args([]))
+    if isinstance(stored, dict) and "split_seed" not in stored:
+        stored["split_seed"] = stored.get("seed", DEFAULT_SPLIT_SEED)  # runs from before --split_seed split by --seed
     # Settings this script does not know mean another script's run (e.g. a Stage-1 directory).
     foreign = sorted(set(stored) - set(defaults)) if isinstance(stored, dict) else ["<not a JSON object>"]
     if foreign:
@@ -202,9 +215,9 @@ def round_solver(args, round_dir, dist_info, splits, cross_sets, explicit_ckpt):
     if os.path.isfile(os.path.join(round_dir, "results.json")):
         return None
     ckpt = round_checkpoint(round_dir, explicit_ckpt) if args.resume else None
-    samples, train_set, val_set, test_set = splits
-    return HyperIQASolver(args, train_set, val_set, test_set, dist_info, round_dir,
-                          bounds=mos_bounds(samples), cross_sets=cross_sets, resume_from=ckpt)
+    _, train_set, val_set, test_set = splits
+    return HyperIQASolver(args, train_set, val_set, test_set, dist_info, round_dir, cross_sets=cross_sets,
+                          resume_from=ckpt)
 
 
 def round_results(solver, round_dir, dist_info):
@@ -233,9 +246,50 @@ def split_dataset(samples, dataset):
     return (samples, *(select_split(samples, split, dataset) for split in ("train", "val", "test")))
 
 
-def read_dataset(args, seed):
-    return read_index(args.dataset, args.data_root, seed=seed, split_file=args.split_file,
+def read_dataset(args, split_seed):
+    return read_index(args.dataset, args.data_root, seed=split_seed, split_file=args.split_file,
                       image_col=args.image_col, score_col=args.score_col)
+
+
+def pretrained_images(path):
+    """(names the Stage-1 encoder trained on, its args) from its .pkl; (None, {}) when it does not say."""
+    ckpt = safe_load(path, "--pretrained_encoder")
+    if isinstance(ckpt, dict) and ckpt.get("format") == ENCODER_FORMAT and "train_images" in ckpt:
+        return list(ckpt["train_images"]), ckpt.get("args", {})
+    return None, {}
+
+
+def check_pretrain_overlap(args, round_splits):
+    """Refuse a fine-tune whose validation or test images the Stage-1 encoder was trained on.
+
+    Images are matched by file name, so the same image is found under another root or resolution
+    folder (KonIQ's 1024x768/ and 512x384/).  ``round_splits``: the (samples, train, val, test)
+    of every round.
+    """
+    if not args.pretrained_encoder:
+        return
+    trained, stage1_args = pretrained_images(args.pretrained_encoder)
+    if trained is None:
+        print(f"note: --pretrained_encoder '{args.pretrained_encoder}' does not list the images it was trained on; "
+              f"the overlap with the validation/test images cannot be checked")
+        return
+    trained = {os.path.basename(name) for name in trained}
+    held_out = {s.path: s for _, _, val, test in round_splits for s in (*val, *test)}
+    overlap = sorted(path for path in held_out if os.path.basename(path) in trained)
+    if not overlap:
+        return
+    message = (f"--pretrained_encoder '{args.pretrained_encoder}' was trained on {len(overlap)} of the "
+               f"{len(held_out)} validation/test images of {args.dataset} (e.g. {os.path.basename(overlap[0])})")
+    if args.allow_pretrain_overlap:
+        print(f"warning: {message}; continuing because of --allow_pretrain_overlap: the validation and test "
+              f"numbers of this run are not a clean evaluation")
+        return
+    same_seed = stage1_args.get("split_seed")
+    advice = (f"use Stage 1's split (--split_seed {same_seed})" if same_seed is not None and same_seed != args.split_seed
+              else "use the split Stage 1 used")
+    raise UserError(f"{message}; {advice}, a --split_file or the official koniq10k_distributions_sets.csv "
+                    f"that keeps them apart, pretrain on other images, or pass --allow_pretrain_overlap to "
+                    f"accept it knowingly")
 
 
 def train(args, dist_info):
@@ -248,18 +302,19 @@ def train(args, dist_info):
         check_output_dir(run_dir)
     # Nothing is written before the annotations, the splits, every image (decoded into the
     # caches) and the model / checkpoint files have been checked: a mistake leaves no half-made run.
-    first = split_dataset(read_dataset(args, args.seed), args.dataset)
-    cross_samples = {name: read_index(name, root, seed=args.seed)
+    round_args = [argparse.Namespace(**{**vars(args), "seed": args.seed + k, "split_seed": args.split_seed + k})
+                  for k in range(args.train_test_num)]
+    round_splits = [split_dataset(read_dataset(args, r.split_seed), args.dataset) for r in round_args]
+    check_pretrain_overlap(args, round_splits)
+    cross_samples = {name: read_index(name, root)
                      for name, root in parse_dataset_specs(args.cross_datasets, "--cross_datasets").items()}
     cross_sets = {name: make_eval_set(name, samples, args.resize, args.patch_size, dist_info,
                                       on_device=args.cache_on_device)
                   for name, samples in cross_samples.items()}
     rounds = []
-    for k in range(args.train_test_num):
-        round_args = argparse.Namespace(**{**vars(args), "seed": args.seed + k})
-        splits = first if k == 0 else split_dataset(read_dataset(args, round_args.seed), args.dataset)
+    for k, (this_round, splits) in enumerate(zip(round_args, round_splits)):
         round_dir = run_dir if args.train_test_num == 1 else os.path.join(run_dir, f"round_{k + 1}")
-        solver = round_solver(round_args, round_dir, dist_info, splits, cross_sets, explicit_ckpt)
+        solver = round_solver(this_round, round_dir, dist_info, splits, cross_sets, explicit_ckpt)
         if dist_info.is_main:
             if k == 0:
                 prepare_output_dir(run_dir, resume=bool(args.resume))
@@ -269,10 +324,11 @@ def train(args, dist_info):
             if args.train_test_num > 1:
                 prepare_output_dir(round_dir, resume=bool(args.resume))
                 if not os.path.isfile(os.path.join(round_dir, "args.json")):
-                    save_args(round_dir, round_args)
+                    save_args(round_dir, this_round)
         barrier(dist_info)
         results = round_results(solver, round_dir, dist_info)
-        rounds.append({"round": k + 1, "seed": round_args.seed, "dir": round_dir, **results})
+        rounds.append({"round": k + 1, "seed": this_round.seed, "split_seed": this_round.split_seed, "dir": round_dir,
+                       **results})
 
     if args.train_test_num > 1:
         summary = summarize(rounds)

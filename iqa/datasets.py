@@ -36,11 +36,15 @@ from PIL import Image
 from iqa.runtime import UserError
 
 __all__ = [
-    "DATASET_NAMES", "SPLITS", "Sample", "read_index", "select_split", "load_rgb", "mos_bounds", "normalize_mos",
+    "DATASET_NAMES", "SPLITS", "DEFAULT_SPLIT_SEED", "Sample", "read_index", "select_split", "load_rgb",
+    "mos_bounds", "normalize_mos",
 ]
 
 DATASET_NAMES = ("koniq-10k", "spaq", "kadid-10k", "agiqa-3k", "livec", "csv")
 SPLITS = ("train", "val", "test")
+# Seed of the seeded splits, shared by both stages' --split_seed so that Stage 1 never trains on
+# an image Stage 2 validates or tests on; independent of the run seed.
+DEFAULT_SPLIT_SEED = 0
 
 LAYOUTS = {
     "koniq-10k": "koniq10k_scores_and_distributions.csv (or koniq10k_distributions_sets.csv) and 1024x768/ or 512x384/",

@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from iqa import datasets
 
+DEFAULT_RESIZE = 384  # shorter side of every image both stages see; KonIQ 1024×768 -> 512×384, as in HyperIQA
+
 
 def resized_size(width, height, resize, patch_size):
     """``(w, h)`` with the shorter side scaled to ``resize`` (0 = native), never below ``patch_size``."""

@@ -18,12 +18,16 @@ ENCODER_FORMAT = "qualiclip-swin-encoder/1"
 CLIP_LOGIT_SCALE = 100.0
 
 
-def zero_shot_score(image_features, text_features):
-    """softmax(100 * [cos_pos, cos_neg])[..., 0]: probability of the positive prompt, in [0, 1]."""
+def zero_shot_logits(image_features, text_features):
+    """100 * [cos_pos, cos_neg] (float32, shape (..., 2)): CLIP's logits against the two anchors."""
     image_features = F.normalize(image_features.float(), dim=-1)
     text_features = F.normalize(text_features.to(image_features), dim=-1)
-    logits = CLIP_LOGIT_SCALE * image_features @ text_features.t()
-    return logits.softmax(dim=-1)[..., 0]
+    return CLIP_LOGIT_SCALE * image_features @ text_features.t()
+
+
+def zero_shot_score(image_features, text_features):
+    """softmax(100 * [cos_pos, cos_neg])[..., 0]: probability of the positive prompt, in [0, 1]."""
+    return zero_shot_logits(image_features, text_features).softmax(dim=-1)[..., 0]
 
 
 class QualityEncoder(nn.Module):
@@ -56,8 +60,12 @@ class QualityEncoder(nn.Module):
         """Zero-shot quality in [0, 1] against the (2, D) prompt anchors (row 0 positive)."""
         return zero_shot_score(self(x), text_features)
 
-    def checkpoint_dict(self, text_features, prompts, args_dict):
-        """The Stage-1 ``.pkl`` content: plain containers of CPU tensors, strings and numbers."""
+    def checkpoint_dict(self, text_features, prompts, args_dict, train_images=()):
+        """The Stage-1 ``.pkl`` content: plain containers of CPU tensors, strings and numbers.
+
+        ``train_images``: the names of the images trained on (relative to the data root), so that
+        Stage 2 can refuse to validate or test on any of them.
+        """
         def cpu_state(module):
             return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
@@ -69,6 +77,7 @@ class QualityEncoder(nn.Module):
             "text_features": text_features.detach().float().cpu(),
             "prompts": [list(pair) for pair in prompts],
             "args": dict(args_dict),
+            "train_images": list(train_images),
         }
 
     @classmethod
@@ -81,7 +90,7 @@ class QualityEncoder(nn.Module):
         projection = ckpt["projection"]
         text_features = ckpt["text_features"].float()
         model = cls(ckpt["model_size"], text_dim=text_features.shape[1], imagenet_pretrained=False,
-                    proj_hidden=projection["0.weight"].shape[0])
+                    proj_hidden=projection["0.weight"].shape[0], img_size=ckpt.get("args", {}).get("crop_size", 224))
         load_swin_weights(model.backbone.swin, ckpt["encoder"], source, ckpt["model_size"])
         try:
             model.projection.load_state_dict(projection)

@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from iqa.datasets import load_rgb
+from iqa.patches import resized_size
 from iqa.runtime import UserError
 from qualiclip_pretrain.degradation_generator import (
     DISTORTION_TYPES,
@@ -50,13 +51,11 @@ def overlapping_offsets(rng, size, crop):
     return first, int(rng.integers(lo, hi + 1))
 
 
-def upscale_to_fit(image, crop_size):
-    """Images smaller than the crop are upscaled (keeping aspect), never rejected."""
-    w, h = image.size
-    if min(w, h) >= crop_size:
-        return image
-    scale = crop_size / min(w, h)
-    return image.resize((max(crop_size, round(w * scale)), max(crop_size, round(h * scale))), Image.BICUBIC)
+def resize_for_crops(image, resize, crop_size):
+    """Shorter side to ``resize`` (0 = native), as Stage 2 and the evaluation see images; images
+    smaller than the crop are upscaled (keeping aspect), never rejected."""
+    size = resized_size(*image.size, resize, crop_size)
+    return image if size == image.size else image.resize(size, Image.BICUBIC)
 
 
 def pil_to_uint8_tensor(image):
@@ -64,14 +63,19 @@ def pil_to_uint8_tensor(image):
 
 
 class PretrainDataset(Dataset):
-    """Clean images -> two overlapping crops at L degradation levels of one distortion type."""
+    """Clean images -> two overlapping crops at L degradation levels of one distortion type.
+
+    ``resize``: shorter side of each clean image before cropping (0 = native size); the CLI passes
+    ``--resize`` (384 by default, the scale Stage 2 and the zero-shot evaluation use).
+    """
 
     def __init__(self, image_paths, crop_size=224, distortion_types=DISTORTION_TYPES, num_levels=5,
-                 degrade_on="device", seed=0):
+                 degrade_on="device", seed=0, resize=0):
         if degrade_on not in ("device", "worker"):
             raise UserError(f"--degrade_on '{degrade_on}' is not one of device, worker")
         self.image_paths = list(image_paths)
         self.crop_size = crop_size
+        self.resize = resize
         self.distortion_types = list(distortion_types)
         self.type_ids = [DISTORTION_TYPES.index(t) for t in self.distortion_types]
         self.levels = select_levels(num_levels)
@@ -92,7 +96,7 @@ class PretrainDataset(Dataset):
 
     def __getitem__(self, index):
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        image = upscale_to_fit(load_rgb(self.image_paths[index]), self.crop_size)
+        image = resize_for_crops(load_rgb(self.image_paths[index]), self.resize, self.crop_size)
         w, h = image.size
         xs, ys = overlapping_offsets(rng, w, self.crop_size), overlapping_offsets(rng, h, self.crop_size)
         choice = int(rng.integers(len(self.distortion_types)))
