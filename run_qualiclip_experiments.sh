@@ -2,15 +2,17 @@
 # The whole experiment of QUALICLIP_PRETRAIN_GUIDE.md in one command:
 #   Step 1  QualiCLIP-style pretraining (pretrain_qualiclip.py)
 #   Step 2a baseline fine-tune, ImageNet encoder (train_swin.py)
-#   Step 2b fine-tune from the Stage-1 encoder with a smaller encoder LR
-#   Step 3  cross-dataset evaluation of both models (cross_dataset_test.py)
+#   Step 2b the same baseline at the pretrained run's encoder LR (the controlled comparison)
+#   Step 2c fine-tune from the Stage-1 encoder with a smaller encoder LR
+#   (each fine-tune once per seed, --seeds N; every step on one split, --split_seed)
+#   Step 3  cross-dataset evaluation of every fine-tuned model (cross_dataset_test.py)
 #   Step 4  results/<timestamp>/summary.md + summary.json + plots (tools/summarize_experiment.py)
 # A failing step stops the pipeline and names its log.
 set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: ./run_qualiclip_experiments.sh [options] [-- extra flags for both train_swin.py runs]
+usage: ./run_qualiclip_experiments.sh [options] [-- extra flags for every train_swin.py run]
 
   --demo                 built-in demo data (built if missing), Swin-nano, CPU-friendly epochs
   --demo_dir DIR         where --demo builds its data (default ./demo_data)
@@ -24,6 +26,9 @@ usage: ./run_qualiclip_experiments.sh [options] [-- extra flags for both train_s
   --model_size SIZE      nano|tiny|small|base (default base)
   --epochs_pretrain N    Stage-1 epochs (default 10)
   --epochs N             Stage-2 epochs per model (default 50)
+  --seeds N              run every fine-tune with seeds 0..N-1 (default 1); the summary reports
+                         mean ± sample std (ddof 1) over seeds
+  --split_seed S         one data split for every step (default 0; see --split_seed of both scripts)
   --output DIR           results directory (default results/<timestamp>)
   --pretrain_args "..."  extra flags for pretrain_qualiclip.py (e.g. "--clip_weights RN50.pt")
   --python PY            interpreter (default: python)
@@ -41,6 +46,8 @@ LIVEC_ROOT=./livec
 MODEL_SIZE=base
 EPOCHS_PRETRAIN=10
 EPOCHS=50
+SEEDS=1
+SPLIT_SEED=0
 OUTPUT=""
 DEMO_DIR=""
 DEMO_SIZE=""
@@ -62,6 +69,8 @@ while [ "$#" -gt 0 ]; do
     --model_size) need_value "$@"; MODEL_SIZE=$2; SET_SIZE=1; shift 2 ;;
     --epochs_pretrain) need_value "$@"; EPOCHS_PRETRAIN=$2; SET_EP_PRE=1; shift 2 ;;
     --epochs) need_value "$@"; EPOCHS=$2; SET_EP=1; shift 2 ;;
+    --seeds) need_value "$@"; SEEDS=$2; shift 2 ;;
+    --split_seed) need_value "$@"; SPLIT_SEED=$2; shift 2 ;;
     --output) need_value "$@"; OUTPUT=$2; shift 2 ;;
     --pretrain_args) need_value "$@"; PRETRAIN_ARGS=$2; shift 2 ;;
     --python) need_value "$@"; PY=$2; shift 2 ;;
@@ -77,6 +86,12 @@ if [ "$DEMO" = 0 ] && [ -n "$DEMO_DIR$DEMO_SIZE" ]; then
 fi
 case $DEMO_SIZE in
   *[!0-9]*) echo "error: --demo_size must be a whole number of images, not '$DEMO_SIZE'" >&2; exit 2 ;;
+esac
+case $SEEDS in
+  ''|*[!0-9]*|0) echo "error: --seeds must be a whole number >= 1, not '$SEEDS'" >&2; exit 2 ;;
+esac
+case $SPLIT_SEED in
+  ''|*[!0-9]*) echo "error: --split_seed must be a whole number, not '$SPLIT_SEED'" >&2; exit 2 ;;
 esac
 
 # Paths (flags and defaults) are relative to where the script is called from; the scripts are
@@ -137,13 +152,26 @@ echo "results directory: $OUTPUT"
 # shellcheck disable=SC2206  # --pretrain_args is a flag string split on purpose
 PRETRAIN_EXTRA=($PRETRAIN_ARGS)
 run_step pretrain "$PY" "$REPO/pretrain_qualiclip.py" --data_root "$DATA_ROOT" --model_size "$MODEL_SIZE" \
-  --epochs "$EPOCHS_PRETRAIN" --save_dir "$OUTPUT/pretrain" "${PRETRAIN_FLAGS[@]}" "${PRETRAIN_EXTRA[@]}"
+  --epochs "$EPOCHS_PRETRAIN" --split_seed "$SPLIT_SEED" --save_dir "$OUTPUT/pretrain" "${PRETRAIN_FLAGS[@]}" \
+  "${PRETRAIN_EXTRA[@]}"
 ENCODER="$OUTPUT/pretrain/swin_${MODEL_SIZE}_qualiclip_pretrained.pkl"
 
+# Three fine-tunes per seed, each differing from the next in one thing: the baseline, the baseline
+# at the pretrained run's encoder LR (head LR unchanged), and the run from the Stage-1 encoder.
 FINETUNE=("$PY" "$REPO/train_swin.py" --dataset koniq-10k --data_root "$DATA_ROOT" --model_size "$MODEL_SIZE"
-          --epochs "$EPOCHS" "${FINETUNE_FLAGS[@]}")
-run_step baseline "${FINETUNE[@]}" --output_dir "$OUTPUT/baseline" "${EXTRA[@]}"
-run_step pretrained "${FINETUNE[@]}" --output_dir "$OUTPUT/pretrained" --pretrained_encoder "$ENCODER" "${EXTRA[@]}"
+          --epochs "$EPOCHS" --split_seed "$SPLIT_SEED" "${FINETUNE_FLAGS[@]}")
+CHECKPOINTS=()
+for ((SEED = 0; SEED < SEEDS; SEED++)); do
+  run_step "baseline_seed$SEED" "${FINETUNE[@]}" --seed "$SEED" --output_dir "$OUTPUT/baseline/seed_$SEED" \
+    "${EXTRA[@]}"
+  run_step "baseline_matched_lr_seed$SEED" "${FINETUNE[@]}" --seed "$SEED" --match_pretrained_lr \
+    --output_dir "$OUTPUT/baseline_matched_lr/seed_$SEED" "${EXTRA[@]}"
+  run_step "pretrained_seed$SEED" "${FINETUNE[@]}" --seed "$SEED" --pretrained_encoder "$ENCODER" \
+    --output_dir "$OUTPUT/pretrained/seed_$SEED" "${EXTRA[@]}"
+  for MODEL in baseline baseline_matched_lr pretrained; do
+    CHECKPOINTS+=("$OUTPUT/$MODEL/seed_$SEED/best.pt")
+  done
+done
 
 CROSS=()
 [ -d "$SPAQ_ROOT" ] && CROSS+=("spaq=$SPAQ_ROOT")
@@ -154,7 +182,7 @@ if [ "${#CROSS[@]}" -gt 0 ]; then
   CROSS_FLAGS=()
   [ "$DEMO" = 1 ] && CROSS_FLAGS=(--test_patch_num 2 --num_workers 0)
   run_step cross_dataset "$PY" "$REPO/cross_dataset_test.py" \
-    --checkpoint "$OUTPUT/baseline/best.pt" "$OUTPUT/pretrained/best.pt" \
+    --checkpoint "${CHECKPOINTS[@]}" \
     --datasets "${CROSS[@]}" --output "$OUTPUT/cross_dataset.json" "${CROSS_FLAGS[@]}"
 else
   echo "no cross-dataset roots found (SPAQ, KADID-10k, AGIQA-3K, LIVE-C); skipping cross-dataset evaluation"

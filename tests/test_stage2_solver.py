@@ -12,11 +12,11 @@ import train_swin
 from HyperIQASolver_swin import (
     FINAL_LR_RATIO, HyperIQASolver, NonFiniteLossError, evaluate, make_scheduler, param_groups,
 )
-from iqa.datasets import mos_bounds, read_index, select_split
+from iqa.datasets import read_index, select_split
 from iqa.runtime import DistInfo, make_adamw, read_jsonl, safe_load
 from models.hyperiqa_swin import HyperIQASwin
 
-METRICS = {"srcc", "plcc", "plcc_logistic", "krcc", "rmse", "n"}
+METRICS = {"srcc", "plcc", "plcc_logistic", "krcc", "rmse", "rmse_logistic", "n"}  # val/test: on the training scale
 
 
 def make_noise_dataset(root, n_train, n_val, n_test, seed=0):
@@ -76,6 +76,10 @@ def test_param_groups_learning_rates_and_schedule_end():
     args.pretrained_encoder = "stage1.pkl"
     pretrained = {g["name"]: g["lr"] for g in param_groups(model, args)}
     assert pretrained == {"encoder": pytest.approx(3e-5), "head": pytest.approx(2e-3)}
+    # the controlled baseline: ImageNet init with exactly the pretrained run's learning rates
+    matched = train_swin.get_args_parser().parse_args(
+        ["--lr", "2e-4", "--lr_ratio", "10", "--lr_encoder_pretrained", "3e-5", "--match_pretrained_lr"])
+    assert {g["name"]: g["lr"] for g in param_groups(model, matched)} == pretrained
 
     optimizer = make_adamw(param_groups(model, args), torch.device("cpu"), weight_decay=5e-4)
     scheduler = make_scheduler(optimizer, "cosine", total_steps=12, steps_per_epoch=4, step_epochs=1)
@@ -107,8 +111,7 @@ def test_training_beats_the_untrained_model(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     info = DistInfo()
-    solver = HyperIQASolver(args, *(select_split(samples, s) for s in ("train", "val", "test")), info, str(run_dir),
-                            bounds=mos_bounds(samples))
+    solver = HyperIQASolver(args, *(select_split(samples, s) for s in ("train", "val", "test")), info, str(run_dir))
     untrained, _ = evaluate(solver.model.eval(), solver.test_set, info, solver.eval_opts)
     results = solver.train()
 
@@ -123,6 +126,34 @@ def test_training_beats_the_untrained_model(tmp_path):
     best = max(history, key=lambda r: r["val"]["srcc"])  # first best on ties
     assert results["best_epoch"] == best["epoch"] and results["val"] == best["val"]
     assert safe_load(run_dir / "best.pt")["epoch"] == best["epoch"]
+
+
+def test_targets_are_scaled_with_the_training_split_only(tmp_path):
+    scores, split = make_noise_dataset(tmp_path / "data", 8, 4, 4)
+    samples = read_index("csv", scores, split_file=split)
+    # Train on the 8 middle MOS values; val and test hold the 4 lowest and 4 highest.
+    ranked = [os.path.basename(s.path) for s in sorted(samples, key=lambda s: s.mos)]
+    with open(split, "w") as f:
+        json.dump({"train": ranked[4:12], "val": ranked[:2] + ranked[-2:], "test": ranked[2:4] + ranked[-4:-2]}, f)
+    samples = read_index("csv", scores, split_file=split)
+    train, val, test = (select_split(samples, s) for s in ("train", "val", "test"))
+    train_mos = np.array([s.mos for s in train])
+    lo, hi = train_mos.min(), train_mos.max()
+    assert min(s.mos for s in samples) < lo and max(s.mos for s in samples) > hi
+
+    args = cli_args(scores, split, tmp_path / "run", "--epochs", "1", "--train_patch_num", "1", "--test_patch_num", "1")
+    solver = HyperIQASolver(args, train, val, test, DistInfo(), str(tmp_path / "run"))
+    assert solver.bounds == (lo, hi) and solver.val_set.bounds == solver.test_set.bounds == (lo, hi)
+    np.testing.assert_allclose(solver.train_set.targets.numpy(), (train_mos - lo) / (hi - lo), rtol=1e-6)
+    assert solver.train_set.targets.min() == 0 and solver.train_set.targets.max() == 1
+    assert solver.checkpoint()["mos_bounds"] == [lo, hi]
+    # Explicit bounds still win (e.g. a fixed scale shared by several runs).
+    assert HyperIQASolver(args, train, val, test, DistInfo(), str(tmp_path / "run"), bounds=(0, 10)).bounds == (0, 10)
+
+    block, pred = evaluate(solver.model.eval(), solver.test_set, DistInfo(), solver.eval_opts)
+    assert set(block) == METRICS  # in-domain: raw RMSE on the training scale, plus the logistic one
+    test_mos = np.array([s.mos for s in test])
+    assert block["rmse"] == pytest.approx(np.sqrt(np.mean((pred - test_mos) ** 2)))
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, no_global_determinism):
