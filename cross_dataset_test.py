@@ -6,7 +6,10 @@
 Each checkpoint is rebuilt from the args stored in it (a ``train_swin.py`` best.pt/last.pt, or a
 Stage-1 ``.pkl`` scored zero-shot) and every image of every dataset (all splits) is scored with
 the same evaluation code as training (``iqa.evaluation.evaluate``).  Output JSON:
-``{checkpoint: {dataset: {srcc, plcc, plcc_logistic, krcc, rmse, n}}}``; works under torchrun.
+``{checkpoint: {dataset: {srcc, plcc, plcc_logistic, krcc, rmse_logistic, n}}}``; works under
+torchrun.  The RMSE is taken after the 4-parameter logistic mapping onto each dataset's MOS (the
+checkpoint's scores are on another scale, so there is no raw RMSE), and the scatter plots show
+the checkpoint's own scores.
 """
 import argparse
 import os

@@ -3,9 +3,20 @@
 Used by Stage 2 (validation, test, cross-dataset), ``cross_dataset_test.py``, ``predict.py`` and
 Stage 1's zero-shot validation.  A scorer is any callable mapping an ImageNet-normalised
 ``N×3×S×S`` batch to N scores in [0, 1]; per-image scores are the mean over
-``EvalOptions.patch_num`` crops.  Predictions are reported on the MOS scale of the evaluated
-dataset (a score p becomes lo + p·(hi − lo)), so RMSE is in MOS units while SRCC/PLCC/KRCC do
-not depend on the mapping.
+``EvalOptions.patch_num`` crops.
+
+In-domain and out-of-domain sets differ only in the RMSE they report:
+
+* an ``EvalSet`` made with ``bounds=`` (Stage-2 val/test: the MOS range the model was trained to
+  predict on [0, 1]) reports predictions on that MOS scale (a score p becomes lo + p·(hi − lo)),
+  the raw ``rmse`` in MOS units and ``rmse_logistic``;
+* an ``EvalSet`` made without bounds (cross-dataset sets, ``cross_dataset_test.py``, Stage-1
+  zero-shot validation) keeps the model's own scores and reports only ``rmse_logistic``, the
+  RMSE after the 4-parameter logistic mapping onto that dataset's MOS: the model never saw
+  that MOS scale, so a raw RMSE would compare two different scales.
+
+SRCC/PLCC/PLCC-logistic/KRCC do not depend on the scale.  A NaN/inf prediction is a
+``UserError`` naming the set.
 """
 import csv
 import io
@@ -19,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from iqa import plots
-from iqa.datasets import DATASET_NAMES, mos_bounds
+from iqa.datasets import DATASET_NAMES
 from iqa.metrics import all_metrics
 from iqa.patches import EvalPatchDataset, cache_images, decode_threads
 from iqa.runtime import UserError, all_gather_cat, atomic_write_text, autocast, to_model_input
@@ -59,13 +70,16 @@ class EvalSet:
     """A labelled image set split over ranks: every rank holds the decoded images of its share."""
     name: str
     samples: list             # all samples, in order
-    bounds: tuple             # MOS range of the dataset (maps [0, 1] scores to its MOS scale)
+    bounds: Optional[tuple]   # MOS range the scores were trained on (maps [0, 1] to MOS); None: out-of-domain
     indices: list             # positions in ``samples`` of this rank's images
     images: list              # this rank's decoded uint8 images
 
 
 def make_eval_set(name, samples, resize, patch_size, dist_info, *, bounds=None, on_device=False):
-    """Decode this rank's share (every world_size-th image) of ``samples`` once."""
+    """Decode this rank's share (every world_size-th image) of ``samples`` once.
+
+    ``bounds``: the (lo, hi) MOS range the scorer was trained on, only for a set on that scale
+    (in-domain); leave it None for any other set (see the module docstring)."""
     if len(samples) < 2:
         raise UserError(f"{name} has {len(samples)} image(s); correlation metrics need at least 2")
     indices = list(range(dist_info.rank, len(samples), dist_info.world_size))
@@ -73,7 +87,7 @@ def make_eval_set(name, samples, resize, patch_size, dist_info, *, bounds=None, 
                           threads=decode_threads(dist_info.world_size),
                           device=dist_info.device if on_device else None,
                           desc=f"decode {name}", progress=dist_info.is_main)
-    return EvalSet(name, list(samples), tuple(bounds or mos_bounds(samples)), indices, images)
+    return EvalSet(name, list(samples), None if bounds is None else tuple(bounds), indices, images)
 
 
 def make_loader(dataset, batch_size, num_workers, device, sampler=None):
@@ -100,28 +114,38 @@ def predict_images(score_fn, images, device, opts, progress=True, desc="eval"):
 
 
 def evaluate(score_fn, eval_set, dist_info, opts):
-    """Predict every image of ``eval_set`` (ranks share the work) -> (metrics, predictions on its MOS scale)."""
+    """Predict every image of ``eval_set`` (ranks share the work) -> (metrics, predictions).
+
+    Predictions are on the training MOS scale for a set with bounds, else the model's own scores."""
     local = predict_images(score_fn, eval_set.images, dist_info.device, opts, progress=dist_info.is_main,
                            desc=f"eval {eval_set.name}")
     scores = all_gather_cat(local.to(dist_info.device), dist_info).cpu()
     order = all_gather_cat(torch.tensor(eval_set.indices, dtype=torch.long, device=dist_info.device), dist_info).cpu()
     full = torch.empty(len(eval_set.samples), dtype=torch.float64)
     full[order] = scores
-    lo, hi = eval_set.bounds
-    pred = lo + full.numpy() * (hi - lo)
-    return all_metrics(pred, [s.mos for s in eval_set.samples]), pred
+    bad = int((~torch.isfinite(full)).sum())
+    if bad:
+        raise UserError(f"{bad} of {len(full)} predictions on '{eval_set.name}' are NaN/inf: the model diverged "
+                        f"(or overflowed in fp16); use an earlier checkpoint, a lower learning rate or --amp bf16/off")
+    pred = full.numpy()
+    if eval_set.bounds is not None:
+        lo, hi = eval_set.bounds
+        pred = lo + pred * (hi - lo)
+    metrics = all_metrics(pred, [s.mos for s in eval_set.samples], on_mos_scale=eval_set.bounds is not None)
+    return metrics, pred
 
 
-def write_predictions(path, samples, pred):
-    """CSV ``image, mos, pred`` (both on the dataset's MOS scale)."""
+def write_predictions(path, samples, pred, column="pred"):
+    """CSV ``image, mos, <column>``: ``pred`` for predictions on the MOS scale, ``score`` for a model's own scores."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["image", "mos", "pred"])
+    writer.writerow(["image", "mos", column])
     writer.writerows([s.path, s.mos, f"{p:.6f}"] for s, p in zip(samples, pred))
     atomic_write_text(path, buffer.getvalue())
 
 
 def save_eval_outputs(run_dir, label, eval_set, metrics, pred):
-    write_predictions(os.path.join(run_dir, f"predictions_{label}.csv"), eval_set.samples, pred)
+    write_predictions(os.path.join(run_dir, f"predictions_{label}.csv"), eval_set.samples, pred,
+                      "pred" if eval_set.bounds is not None else "score")
     plots.plot_scatter(pred, [s.mos for s in eval_set.samples], os.path.join(run_dir, f"scatter_{label}.png"),
                        title=f"{label} ({eval_set.name})", metrics=metrics)

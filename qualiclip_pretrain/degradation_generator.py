@@ -39,7 +39,9 @@ Agreement of the two paths (measured, and asserted by ``tests/test_degradation.p
   2 × 255 × 2⁻¹¹ ≈ 0.25 before rounding, so the bound of 1 still holds (estimated, not yet
   measured on a GPU);
 * noise: different random streams, same distribution (std of output − clean within a few % of
-  σ on a mid-grey image);
+  σ on a mid-grey image).  Both share one unit Gaussian field across the levels of a crop, so
+  the levels differ only in σ (``degrade_batch(..., noise_group_size=L)``; the two crops of an
+  item draw independent fields);
 * jpeg: ``degrade_batch(..., jpeg='torchvision')`` is pixel-identical to the PIL path.
 """
 import contextlib
@@ -294,39 +296,59 @@ def _index_tensor(value, n, device, what, size, names=None):
     return t.to(device=device, dtype=torch.long)
 
 
-def _degrade(kind, x, levels, tables, generator):
+def _unit_noise(x, fields, generator):
+    """Unit Gaussian noise for each row of ``x``; ``fields`` = (field index per row on the device,
+    number of fields) lets rows share a field, None draws one per row."""
+    if fields is None:
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    index, count = fields
+    return torch.randn((count, *x.shape[1:]), generator=generator, device=x.device,
+                       dtype=torch.float32).index_select(0, index)
+
+
+def _degrade(kind, x, levels, tables, generator, noise_fields):
     """One distortion type on every row of ``x`` (float32 0..255) at per-row ``levels``; unrounded."""
     n = x.shape[0]
     if kind == _BLUR:
         return _blur_per_sample(x, tables["blur"][levels])
     if kind == _NOISE:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        return x + noise * tables["noise"][levels].view(n, 1, 1, 1)
+        return x + _unit_noise(x, noise_fields, generator) * tables["noise"][levels].view(n, 1, 1, 1)
     return x * tables["brightness"][levels].view(n, 1, 1, 1)
 
 
-def _degrade_rows(x, host_types, levels, tables, generator):
+def _to_device(index, device):
+    return (index.pin_memory() if device.type == "cuda" else index).to(device, non_blocking=True)
+
+
+def _degrade_rows(x, host_types, levels, tables, generator, group_size):
     """Each type on its own rows, indexed from the host-side types (no device read-back)."""
     out = x.clone()
     for kind in (_BLUR, _NOISE, _BRIGHTNESS):
         rows = (host_types == kind).nonzero().flatten()
         if rows.numel():
-            rows = (rows.pin_memory() if x.device.type == "cuda" else rows).to(x.device, non_blocking=True)
-            degraded = _degrade(kind, x.index_select(0, rows), levels.index_select(0, rows), tables, generator)
+            fields = None
+            if kind == _NOISE and group_size > 1:  # one field per group present, counted on the host
+                groups, index = torch.unique_consecutive(rows // group_size, return_inverse=True)
+                fields = (_to_device(index, x.device), len(groups))
+            rows = _to_device(rows, x.device)
+            degraded = _degrade(kind, x.index_select(0, rows), levels.index_select(0, rows), tables, generator,
+                                fields)
             out.index_copy_(0, rows, degraded.round().clamp(0, 255))
     return out
 
 
-def _degrade_masked(x, dist_types, levels, tables, generator):
+def _degrade_masked(x, dist_types, levels, tables, generator, group_size):
     """Every type on the whole batch, rows picked with ``torch.where`` (types only on the device)."""
+    n = x.shape[0]
+    fields = None if group_size == 1 else (torch.arange(n, device=x.device) // group_size, n // group_size)
     out = x
     for kind in (_BLUR, _NOISE, _BRIGHTNESS):
         mask = (dist_types == kind).view(-1, 1, 1, 1)
-        out = torch.where(mask, _degrade(kind, x, levels, tables, generator).round().clamp(0, 255), out)
+        out = torch.where(mask, _degrade(kind, x, levels, tables, generator, fields).round().clamp(0, 255), out)
     return out
 
 
-def degrade_batch(images, dist_types, levels, generator=None, jpeg="skip"):
+def degrade_batch(images, dist_types, levels, generator=None, jpeg="skip", noise_group_size=1):
     """Degrade a batch, each sample with its own distortion type and level.
 
     Args:
@@ -347,6 +369,11 @@ def degrade_batch(images, dist_types, levels, generator=None, jpeg="skip"):
             back to the host (one sync) and copies the JPEG rows to the CPU and back (nvjpeg
             is not used: its output is not guaranteed to match libjpeg). torchvision 0.29
             deprecates its image codecs in favour of TorchCodec; the warning is silenced here.
+        noise_group_size: consecutive groups of this many rows share one unit Gaussian noise
+            field (each row scales it by its own σ); N must be a multiple of it. With rows
+            ordered (image, crop, level), pass the number of levels: the levels of one crop
+            then differ only in σ, as in :class:`SyntheticDegradation`, and the crops draw
+            independent fields. The default 1 draws a field per row.
 
     Returns:
         float32 ``N×3×H×W`` on ``images.device`` with integer values in [0, 255].
@@ -354,8 +381,8 @@ def degrade_batch(images, dist_types, levels, generator=None, jpeg="skip"):
     Blur, noise and brightness use only tensor ops: no host-device synchronisation, no loop
     over samples or levels. Blur is one depthwise separable convolution over its rows with a
     per-sample 21-tap kernel (zero taps beyond each σ's radius), mirrored borders, in float32
-    with autocast disabled; noise is one ``torch.randn`` scaled per sample. Agreement with the
-    PIL path: see the module docstring.
+    with autocast disabled; noise is one ``torch.randn`` of one field per group of rows,
+    scaled per sample. Agreement with the PIL path: see the module docstring.
     """
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -366,6 +393,11 @@ def degrade_batch(images, dist_types, levels, generator=None, jpeg="skip"):
         raise ValueError(f"jpeg must be 'skip' or 'torchvision', got {jpeg!r}")
     device = images.device
     n = images.shape[0]
+    if isinstance(noise_group_size, bool) or not isinstance(noise_group_size, numbers.Integral) \
+            or noise_group_size < 1 or n % noise_group_size:
+        raise ValueError(f"noise_group_size must be a positive integer dividing the batch size {n}, "
+                         f"got {noise_group_size!r}")
+    noise_group_size = int(noise_group_size)
     # Types known on the host (a CPU tensor or a list, as the DataLoader delivers them) let
     # each distortion run on its own rows only, without reading anything back from the device.
     on_host = not (isinstance(dist_types, torch.Tensor) and dist_types.device.type != "cpu")
@@ -382,8 +414,8 @@ def degrade_batch(images, dist_types, levels, generator=None, jpeg="skip"):
         if images.dtype != torch.uint8:
             x = x.round().clamp(0, 255)
         tables = _tables(device)
-        out = (_degrade_rows(x, host_types, levels, tables, generator) if host_types is not None
-               else _degrade_masked(x, dist_types, levels, tables, generator))
+        out = (_degrade_rows(x, host_types, levels, tables, generator, noise_group_size) if host_types is not None
+               else _degrade_masked(x, dist_types, levels, tables, generator, noise_group_size))
 
     if jpeg == "torchvision":
         out = _jpeg_rows_torchvision(out, dist_types, levels)

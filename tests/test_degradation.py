@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy import ndimage
+from scipy import ndimage, stats
 from skimage import data as skdata
 
 from iqa.runtime import UserError
@@ -14,6 +14,9 @@ from qualiclip_pretrain.degradation_generator import (
     DISTORTION_TYPES,
     LEVEL_PARAMS,
     SyntheticDegradation,
+    _degrade_masked,
+    _degrade_rows,
+    _tables,
     degrade_batch,
     parse_distortion_types,
     select_levels,
@@ -285,13 +288,14 @@ def test_batched_unaffected_by_autocast(astronaut):
     assert got.dtype == torch.float32 and torch.equal(got, ref)
 
 
-def test_batched_needs_no_host_sync():
+@pytest.mark.parametrize("noise_group_size", [1, 3])
+def test_batched_needs_no_host_sync(noise_group_size):
     # Meta tensors carry no data: any .item()/.tolist()/nonzero() on them would raise.
     n = 6
     images = torch.empty(n, 3, 32, 32, device="meta")
     types = torch.empty(n, dtype=torch.long, device="meta")
     levels = torch.empty(n, dtype=torch.long, device="meta")
-    out = degrade_batch(images, types, levels)
+    out = degrade_batch(images, types, levels, noise_group_size=noise_group_size)
     assert out.shape == images.shape and out.dtype == torch.float32 and out.device.type == "meta"
 
 
@@ -309,6 +313,10 @@ def test_batched_argument_checks():
         degrade_batch(images, torch.zeros(2), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="jpeg"):
         degrade_batch(images, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), jpeg="nvjpeg")
+    for bad in (0, 3, 2.0, True):
+        with pytest.raises(ValueError, match="noise_group_size must be a positive integer dividing the batch size 2"):
+            degrade_batch(images, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+                          noise_group_size=bad)
     with pytest.raises(UserError, match="--distortion_types"):
         degrade_batch(images, ["blur", "sharpen"], [0, 0])
     by_name = degrade_batch(images + 100, ["brightness", "noise"], [0, 0], generator=torch.Generator().manual_seed(0))
@@ -317,16 +325,15 @@ def test_batched_argument_checks():
     assert torch.equal(by_name, by_index) and by_name[0].eq(130).all()
 
 
-def test_row_and_masked_paths_agree():
+@pytest.mark.parametrize("noise_group_size", [1, 3])
+def test_row_and_masked_paths_agree(noise_group_size):
     """Types on the host (rows indexed) and on the device (torch.where) give the same images."""
-    from qualiclip_pretrain.degradation_generator import _degrade_masked, _degrade_rows, _tables
-
     rng = np.random.default_rng(4)
     x = torch.from_numpy(rng.integers(0, 256, (12, 3, 20, 24))).float()
     types = torch.tensor([0, 1, 2, 3] * 3)
     levels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1])
-    rows = _degrade_rows(x, types, levels, _tables(x.device), torch.Generator().manual_seed(0))
-    masked = _degrade_masked(x, types, levels, _tables(x.device), torch.Generator().manual_seed(0))
+    rows = _degrade_rows(x, types, levels, _tables(x.device), torch.Generator().manual_seed(0), noise_group_size)
+    masked = _degrade_masked(x, types, levels, _tables(x.device), torch.Generator().manual_seed(0), noise_group_size)
     deterministic = types != 2
     assert torch.equal(rows[deterministic], masked[deterministic])
     assert torch.equal(rows[types == 1], x[types == 1])  # JPEG rows pass through
@@ -334,3 +341,119 @@ def test_row_and_masked_paths_agree():
         noise = (out - x)[types == 2].flatten(1).std(dim=1)
         sigmas = torch.tensor([LEVEL_PARAMS["noise"][i] for i in levels[types == 2]])
         assert torch.allclose(noise, sigmas, rtol=0.25)
+
+
+# ----------------------------------------------------------------------------- one noise field per crop
+
+NOISE = DISTORTION_TYPES.index("noise")
+GREY = 128.0
+
+
+def unit_fields(residuals, sigmas):
+    """(level − clean) / σ of each level: the unit field, up to rounding (±0.5 / σ)."""
+    return [r / s for r, s in zip(residuals, sigmas)]
+
+
+def assert_one_field_across_levels(residuals, sigmas):
+    """Every level is the same unit field times its σ, within the rounding of both levels."""
+    fields = unit_fields(residuals, sigmas)
+    for field, sigma in zip(fields[1:], sigmas[1:]):
+        assert np.abs(field - fields[0]).max() <= 0.5 / sigma + 0.5 / sigmas[0] + 1e-9, sigma
+
+
+def grey_crops(crops, levels, size=48):
+    """``crops`` mid-grey crops × ``levels`` rows each, ordered (crop, level)."""
+    return torch.full((crops * levels, 3, size, size), int(GREY), dtype=torch.uint8)
+
+
+def test_worker_noise_levels_differ_only_in_sigma():
+    grey = Image.fromarray(np.full((48, 48, 3), int(GREY), np.uint8))
+    residuals = [as_np(o).astype(np.float64) - GREY for o in SyntheticDegradation("noise", rng=3)(grey)]
+    assert_one_field_across_levels(residuals, LEVEL_PARAMS["noise"])
+
+
+@pytest.mark.parametrize("path", ["rows", "masked"])
+def test_batched_noise_shares_one_field_per_crop(path):
+    """Rows (image, crop, level) with noise_group_size = L: the levels of a crop share one unit field,
+    different crops draw independent fields; both the host-typed and the device-typed path."""
+    n_crops, n_levels = 4, 5  # 2 images × 2 crops
+    x = grey_crops(n_crops, n_levels)
+    types = torch.full((len(x),), NOISE)
+    levels = torch.arange(n_levels).repeat(n_crops)
+    generator = torch.Generator().manual_seed(11)
+    if path == "rows":
+        out = degrade_batch(x, types, levels, generator=generator, noise_group_size=n_levels)
+    else:
+        out = _degrade_masked(x.float(), types, levels, _tables(x.device), generator, n_levels)
+    residual = (out.double() - GREY).numpy().reshape(n_crops, n_levels, -1)
+    sigmas = LEVEL_PARAMS["noise"]
+    for crop in residual:
+        assert_one_field_across_levels(list(crop), sigmas)
+    fields = residual[:, -1] / sigmas[-1]  # strongest level: least rounding
+    for a in range(n_crops):
+        for b in range(a + 1, n_crops):
+            assert abs(stats.pearsonr(fields[a], fields[b]).statistic) < 0.05, (a, b)  # independent crops
+
+
+def test_batched_noise_groups_follow_rows_mixed_with_other_types():
+    """Groups are counted over all rows: a noise crop among other types still gets its own field."""
+    n_levels = 3
+    x = grey_crops(4, n_levels)
+    types = torch.tensor([3, 3, 3, 2, 2, 2, 0, 0, 0, 2, 2, 2])  # brightness, noise, blur, noise crops
+    levels = torch.tensor([0, 2, 4] * 4)
+    out = degrade_batch(x, types, levels, generator=torch.Generator().manual_seed(5), noise_group_size=n_levels)
+    residual = (out.double() - GREY).numpy().reshape(4, n_levels, -1)
+    sigmas = [LEVEL_PARAMS["noise"][i] for i in (0, 2, 4)]
+    for crop in (1, 3):
+        assert_one_field_across_levels(list(residual[crop]), sigmas)
+    assert abs(stats.pearsonr(residual[1, -1], residual[3, -1]).statistic) < 0.05
+    assert np.array_equal(residual[2], np.zeros_like(residual[2]))  # blur of a flat image: unchanged
+
+
+def test_batched_noise_default_draws_one_field_per_row():
+    x = grey_crops(1, 5)
+    out = degrade_batch(x, torch.full((5,), NOISE), torch.arange(5), generator=torch.Generator().manual_seed(2))
+    fields = (out.double() - GREY).numpy().reshape(5, -1) / np.array(LEVEL_PARAMS["noise"])[:, None]
+    assert abs(stats.pearsonr(fields[0], fields[4]).statistic) < 0.05
+    # The same stream as one torch.randn per row, scaled and rounded (float32, as the module computes).
+    unit = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    expected = (GREY + unit * torch.tensor(LEVEL_PARAMS["noise"]).view(5, 1, 1, 1)).round().clamp(0, 255)
+    assert torch.equal(out, expected)
+
+
+def test_batched_and_worker_noise_agree_in_distribution():
+    """The unit fields of both paths: same distribution (KS test), same std; per level the residual std is σ."""
+    n_crops = 8
+    out = degrade_batch(grey_crops(n_crops, 5, size=64), torch.full((n_crops * 5,), NOISE),
+                        torch.arange(5).repeat(n_crops), generator=torch.Generator().manual_seed(7), noise_group_size=5)
+    batched = (out.double() - GREY).numpy().reshape(n_crops, 5, -1)
+    grey = Image.fromarray(np.full((64, 64, 3), int(GREY), np.uint8))
+    degrader = SyntheticDegradation("noise", rng=7)
+    worker = np.stack([[as_np(o).astype(np.float64).ravel() - GREY for o in degrader(grey)] for _ in range(n_crops)])
+    for level, sigma in enumerate(LEVEL_PARAMS["noise"]):
+        a, b = batched[:, level].ravel(), worker[:, level].ravel()
+        assert abs(a.std() - sigma) <= NOISE_STD_REL * sigma and abs(b.std() - sigma) <= NOISE_STD_REL * sigma
+        assert stats.ks_2samp(a, b).pvalue > 0.01, sigma
+    # Across crops of the worker path, fields are independent too (one draw per call).
+    assert abs(stats.pearsonr(worker[0, -1], worker[1, -1]).statistic) < 0.05
+
+
+def test_prepare_batch_shares_the_noise_field_across_levels():
+    """pretrain_qualiclip.prepare_batch groups the rows by crop: one field per crop, levels differ only in σ."""
+    from pretrain_qualiclip import get_args_parser, prepare_batch
+    from iqa.runtime import IMAGENET_MEAN, IMAGENET_STD
+
+    levels = [0, 2, 4]
+    crops = torch.full((2, 2, len(levels), 3, 32, 32), int(GREY), dtype=torch.uint8)  # 2 images × 2 crops
+    batch = {"crops": crops, "dist_type": torch.tensor([NOISE, NOISE])}
+    args = get_args_parser().parse_args(["--degrade_on", "device"])
+    images, shape = prepare_batch(batch, levels, args, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert shape == (2, 2, 3)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)
+    pixels = ((images.double() * std + mean) * 255).round()  # back to 0..255
+    residual = (pixels - GREY).numpy().reshape(4, len(levels), -1)
+    sigmas = [LEVEL_PARAMS["noise"][i] for i in levels]
+    for crop in residual:
+        assert_one_field_across_levels(list(crop), sigmas)
+    assert abs(stats.pearsonr(residual[0, -1], residual[1, -1]).statistic) < 0.05  # two crops of one image
