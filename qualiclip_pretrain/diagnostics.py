@@ -124,4 +124,5 @@ def level_ranking_accuracy(model, text_features, image_paths, distortion_types, 
     return accuracy
 
 
-__all__ = ["COLLAPSE_SPREAD", "collapse_warning", "feature_spread", "level_ranking_accuracy", "choose_images", "pairwise_order_accuracy"]
+__all__ = ["COLLAPSE_SPREAD", "collapse_warning", "feature_spread", "level_ranking_accuracy", "choose_images",
+           "pairwise_order_accuracy"]
