@@ -1,7 +1,7 @@
 """Stage-2 training and evaluation of Swin-HyperIQA (DESIGN §4.2).
 
 ``HyperIQASolver`` fine-tunes on MOS rescaled to [0, 1] with the MOS range of the training split
-only (val/test MOS never leak into the targets):
+only (val/test MOS never leak into the targets), under either ``--protocol``:
 
 * differential learning rates: the Swin encoder at ``--lr`` (or ``--lr_encoder_pretrained``
   when starting from a Stage-1 encoder), everything else at ``--lr × --lr_ratio``; AdamW; the
@@ -37,7 +37,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from iqa import plots
-from iqa.datasets import mos_bounds, normalize_mos
+from iqa.datasets import label_column, mos_bounds, normalize_mos, split_source
 from iqa.evaluation import EvalOptions, evaluate, make_eval_set, make_loader, save_eval_outputs
 from iqa.patches import DEFAULT_RESIZE, TrainPatchDataset, cache_images, decode_threads
 from iqa.runtime import (
@@ -109,6 +109,13 @@ class Scorer:
     mos_bounds: Optional[tuple] = None
 
 
+def other_dataset_resize(resize):
+    """The resize a model trained at ``resize`` scores other datasets' images at: a fixed
+    [width, height] belongs to the dataset it was set for (``--protocol hyperiqa``'s KonIQ-10k size),
+    so other images keep their aspect at the default shorter side."""
+    return DEFAULT_RESIZE if isinstance(resize, (list, tuple)) else resize
+
+
 def load_scorer(path, device):
     """A ``train_swin.py`` checkpoint (.pt) or a Stage-1 encoder (.pkl) as a ``Scorer`` on ``device``."""
     ckpt = safe_load(path)
@@ -123,7 +130,7 @@ def load_scorer(path, device):
                       args.get("eval_patch_num", DEFAULT_TEST_PATCH_NUM))
     model = model_from_checkpoint(ckpt, path).to(device).eval()
     args = ckpt["args"]
-    return Scorer(model, "stage2", args["resize"], args["patch_size"], args["test_patch_num"],
+    return Scorer(model, "stage2", other_dataset_resize(args["resize"]), args["patch_size"], args["test_patch_num"],
                   tuple(ckpt["mos_bounds"]))
 
 
@@ -154,6 +161,32 @@ def make_scheduler(optimizer, kind, total_steps, steps_per_epoch, step_epochs):
 
 
 # ----------------------------------------------------------------------------- outputs
+
+def describe_resize(resize):
+    if isinstance(resize, (list, tuple)):
+        return f"{resize[0]}x{resize[1]} (width x height, bilinear)"
+    return "native size" if resize == 0 else f"shorter side {resize} (aspect kept, bicubic)"
+
+
+def protocol_record(args):
+    """What produced a run's numbers, stored beside them in results.json (``protocol``)."""
+    rounds = args.train_test_num
+    return {
+        "name": args.protocol,
+        "train_patch_num": args.train_patch_num,
+        "test_patch_num": args.test_patch_num,
+        "test_crops": "random" if args.test_random_crop else "grid",
+        "resize": describe_resize(args.resize),
+        "label": label_column(args.dataset, args.protocol, args.score_col),
+        # HyperIQA regresses the raw label; the rescaling is linear, so no reported metric depends on it.
+        "targets": "label rescaled to [0, 1] with the training split's range",
+        "split": split_source(args.dataset, args.data_root, split_file=args.split_file, protocol=args.protocol),
+        "split_seed": args.split_seed,
+        "rounds": rounds,
+        "reported": f"median over {rounds} rounds (mean and std beside it)" if rounds > 1 else "one round",
+        "selection": "validation",
+    }
+
 
 def write_split(path, samples):
     """The split used, as a ``--split_file`` JSON ({"train": [names], "val": [...], "test": [...]})."""
@@ -374,7 +407,7 @@ class HyperIQASolver:
             cross[name], cross_pred = evaluate(model, eval_set, self.dist, self.eval_opts)
             outputs.append((name, eval_set, cross[name], cross_pred))
         results = {
-            "dataset": self.args.dataset, "model_size": self.args.model_size,
+            "dataset": self.args.dataset, "model_size": self.args.model_size, "protocol": protocol_record(self.args),
             "best_epoch": self.best["epoch"], "val": self.best["val"],
             "test": test, "test_last": test_last, "cross_dataset": cross,
         }

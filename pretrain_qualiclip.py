@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from iqa import runtime
-from iqa.datasets import DEFAULT_SPLIT_SEED, read_index, select_split
+from iqa.datasets import DEFAULT_SPLIT_SEED, PROTOCOLS, read_index, select_split
 from iqa.metrics import all_metrics
 from iqa.evaluation import EvalOptions, evaluate, make_eval_set
 from iqa.patches import DEFAULT_RESIZE, decode_threads, verify_images
@@ -52,6 +52,9 @@ def get_args_parser():
     data.add_argument("--split_seed", type=int, default=DEFAULT_SPLIT_SEED,
                       help="seed of the dataset split where no official one exists (train_swin.py has the same "
                            "flag and default, so both stages see one split); independent of --seed")
+    data.add_argument("--protocol", choices=PROTOCOLS, default="ours",
+                      help="split of --data_root as train_swin.py --protocol draws it: hyperiqa = the training part of "
+                           "the 80/20 split of --split_seed (its validation part is held out)")
     data.add_argument("--heldout_fraction", type=float, default=0.05,
                       help="with --image_dir: fraction of the images held out of training (seeded by --split_seed) "
                            "for the label-free validation")
@@ -152,14 +155,19 @@ def load_images(args):
 
     The held-out images are never trained on: KonIQ-10k's validation split (whose MOS also give the
     zero-shot SRCC/PLCC), or a seeded ``--heldout_fraction`` of ``--image_dir`` (no labels).  Both
-    depend on ``--split_seed`` only, never on ``--seed``.
+    depend on ``--split_seed`` only, never on ``--seed``.  ``--protocol hyperiqa`` splits KonIQ-10k as
+    ``train_swin.py --protocol hyperiqa`` does for the same ``--split_seed`` (its round).
     """
+    if args.image_dir and args.protocol == "hyperiqa":
+        raise UserError("--protocol hyperiqa splits a labelled dataset (--data_root); with --image_dir use "
+                        "--protocol ours")
     if args.image_dir:
         train, heldout = holdout_split(list_image_dir(args.image_dir), args.heldout_fraction, args.split_seed)
         return [(path, None) for path in train], heldout, []
     if not os.path.isdir(args.data_root):
         raise UserError(f"--data_root '{args.data_root}' does not exist; point it at KonIQ-10k or use --image_dir")
-    samples = read_index("koniq-10k", args.data_root, seed=args.split_seed, split_file=args.split_file)
+    samples = read_index("koniq-10k", args.data_root, seed=args.split_seed, split_file=args.split_file,
+                         protocol=args.protocol)
     train = [(s.path, s.origin) for s in select_split(samples, "train")]
     val = [s for s in samples if s.split == "val"]
     return train, [s.path for s in val], ([] if args.no_eval else val)

@@ -4,7 +4,8 @@
 #   Step 2a baseline fine-tune, ImageNet encoder (train_swin.py)
 #   Step 2b the same baseline at the pretrained run's encoder LR (the controlled comparison)
 #   Step 2c fine-tune from the Stage-1 encoder with a smaller encoder LR
-#   (each fine-tune once per seed, --seeds N; every step on one split, --split_seed)
+#   (each fine-tune once per seed, --seeds N; every step on one split, --split_seed;
+#    --protocol hyperiqa: each seed is one HyperIQA round with its own split and its own Step 1)
 #   Step 3  cross-dataset evaluation of every fine-tuned model (cross_dataset_test.py)
 #   Step 4  results/<timestamp>/summary.md + summary.json + plots (tools/summarize_experiment.py)
 # A failing step stops the pipeline and names its log.
@@ -25,10 +26,14 @@ usage: ./run_qualiclip_experiments.sh [options] [-- extra flags for every train_
   --livec_root DIR       LIVE Challenge root (default ./livec, used if present)
   --model_size SIZE      nano|tiny|small|base (default base)
   --epochs_pretrain N    Stage-1 epochs (default 10)
-  --epochs N             Stage-2 epochs per model (default 50)
+  --epochs N             Stage-2 epochs per model (default 50; with --protocol hyperiqa
+                         train_swin.py's default for it, 16)
   --seeds N              run every fine-tune with seeds 0..N-1 (default 1); the summary reports
                          mean ± sample std (ddof 1) over seeds
   --split_seed S         one data split for every step (default 0; see --split_seed of both scripts)
+  --protocol P           ours (default) or hyperiqa: seed k is HyperIQA round k, with its own
+                         80/20 split (split seed S+k), its own Step 1 on that split's training
+                         part (pretrain/seed_k/) and the median over rounds in the summary
   --output DIR           results directory (default results/<timestamp>)
   --pretrain_args "..."  extra flags for pretrain_qualiclip.py (e.g. "--clip_weights RN50.pt")
   --python PY            interpreter (default: python)
@@ -48,6 +53,7 @@ EPOCHS_PRETRAIN=10
 EPOCHS=50
 SEEDS=1
 SPLIT_SEED=0
+PROTOCOL=ours
 OUTPUT=""
 DEMO_DIR=""
 DEMO_SIZE=""
@@ -71,6 +77,7 @@ while [ "$#" -gt 0 ]; do
     --epochs) need_value "$@"; EPOCHS=$2; SET_EP=1; shift 2 ;;
     --seeds) need_value "$@"; SEEDS=$2; shift 2 ;;
     --split_seed) need_value "$@"; SPLIT_SEED=$2; shift 2 ;;
+    --protocol) need_value "$@"; PROTOCOL=$2; shift 2 ;;
     --output) need_value "$@"; OUTPUT=$2; shift 2 ;;
     --pretrain_args) need_value "$@"; PRETRAIN_ARGS=$2; shift 2 ;;
     --python) need_value "$@"; PY=$2; shift 2 ;;
@@ -92,6 +99,10 @@ case $SEEDS in
 esac
 case $SPLIT_SEED in
   ''|*[!0-9]*) echo "error: --split_seed must be a whole number, not '$SPLIT_SEED'" >&2; exit 2 ;;
+esac
+case $PROTOCOL in
+  ours|hyperiqa) ;;
+  *) echo "error: --protocol must be ours or hyperiqa, not '$PROTOCOL'" >&2; exit 2 ;;
 esac
 
 # Paths (flags and defaults) are relative to where the script is called from; the scripts are
@@ -148,25 +159,43 @@ if [ "$MODEL_SIZE" = nano ]; then
   FINETUNE_FLAGS+=(--no_imagenet_pretrained)
 fi
 
+PROTOCOL_FLAGS=()
+EPOCH_FLAGS=(--epochs "$EPOCHS")
+if [ "$PROTOCOL" = hyperiqa ]; then
+  PROTOCOL_FLAGS=(--protocol hyperiqa)
+  [ "$SET_EP" = 1 ] || [ "$DEMO" = 1 ] || EPOCH_FLAGS=()
+fi
+
 echo "results directory: $OUTPUT"
 # shellcheck disable=SC2206  # --pretrain_args is a flag string split on purpose
 PRETRAIN_EXTRA=($PRETRAIN_ARGS)
-run_step pretrain "$PY" "$REPO/pretrain_qualiclip.py" --data_root "$DATA_ROOT" --model_size "$MODEL_SIZE" \
-  --epochs "$EPOCHS_PRETRAIN" --split_seed "$SPLIT_SEED" --save_dir "$OUTPUT/pretrain" "${PRETRAIN_FLAGS[@]}" \
-  "${PRETRAIN_EXTRA[@]}"
-ENCODER="$OUTPUT/pretrain/swin_${MODEL_SIZE}_qualiclip_pretrained.pkl"
+# Step 1 on the training part of split seed $2 (step name $1, run directory $3).
+pretrain() {
+  run_step "$1" "$PY" "$REPO/pretrain_qualiclip.py" --data_root "$DATA_ROOT" --model_size "$MODEL_SIZE" \
+    --epochs "$EPOCHS_PRETRAIN" "${PROTOCOL_FLAGS[@]}" --split_seed "$2" --save_dir "$3" "${PRETRAIN_FLAGS[@]}" \
+    "${PRETRAIN_EXTRA[@]}"
+  ENCODER="$3/swin_${MODEL_SIZE}_qualiclip_pretrained.pkl"
+}
+# ours: one Step 1 and one split for every seed; hyperiqa: a split and a Step 1 per seed (round).
+ROUND_FLAGS=(--split_seed "$SPLIT_SEED")
+[ "$PROTOCOL" = hyperiqa ] || pretrain pretrain "$SPLIT_SEED" "$OUTPUT/pretrain"
 
 # Three fine-tunes per seed, each differing from the next in one thing: the baseline, the baseline
 # at the pretrained run's encoder LR (head LR unchanged), and the run from the Stage-1 encoder.
 FINETUNE=("$PY" "$REPO/train_swin.py" --dataset koniq-10k --data_root "$DATA_ROOT" --model_size "$MODEL_SIZE"
-          --epochs "$EPOCHS" --split_seed "$SPLIT_SEED" "${FINETUNE_FLAGS[@]}")
+          "${EPOCH_FLAGS[@]}" "${PROTOCOL_FLAGS[@]}" "${FINETUNE_FLAGS[@]}")
 CHECKPOINTS=()
 for ((SEED = 0; SEED < SEEDS; SEED++)); do
-  run_step "baseline_seed$SEED" "${FINETUNE[@]}" --seed "$SEED" --output_dir "$OUTPUT/baseline/seed_$SEED" \
+  if [ "$PROTOCOL" = hyperiqa ]; then
+    pretrain "pretrain_seed$SEED" $((SPLIT_SEED + SEED)) "$OUTPUT/pretrain/seed_$SEED"
+    ROUND_FLAGS=(--split_seed $((SPLIT_SEED + SEED)) --train_test_num 1)
+  fi
+  FINETUNE_ROUND=("${FINETUNE[@]}" "${ROUND_FLAGS[@]}")
+  run_step "baseline_seed$SEED" "${FINETUNE_ROUND[@]}" --seed "$SEED" --output_dir "$OUTPUT/baseline/seed_$SEED" \
     "${EXTRA[@]}"
-  run_step "baseline_matched_lr_seed$SEED" "${FINETUNE[@]}" --seed "$SEED" --match_pretrained_lr \
+  run_step "baseline_matched_lr_seed$SEED" "${FINETUNE_ROUND[@]}" --seed "$SEED" --match_pretrained_lr \
     --output_dir "$OUTPUT/baseline_matched_lr/seed_$SEED" "${EXTRA[@]}"
-  run_step "pretrained_seed$SEED" "${FINETUNE[@]}" --seed "$SEED" --pretrained_encoder "$ENCODER" \
+  run_step "pretrained_seed$SEED" "${FINETUNE_ROUND[@]}" --seed "$SEED" --pretrained_encoder "$ENCODER" \
     --output_dir "$OUTPUT/pretrained/seed_$SEED" "${EXTRA[@]}"
   for MODEL in baseline baseline_matched_lr pretrained; do
     CHECKPOINTS+=("$OUTPUT/$MODEL/seed_$SEED/best.pt")

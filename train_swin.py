@@ -7,6 +7,10 @@ The guide's commands run as written, e.g.
         --pretrained_encoder checkpoints/qualiclip_pretrain_*/swin_base_qualiclip_pretrained.pkl \\
         --lr_encoder_pretrained 1e-6
 
+``--protocol hyperiqa`` evaluates as HyperIQA's published code does (25 random train and test crops,
+its resize and label per dataset, 80/20 splits over 10 rounds, the median reported), except that
+the epoch is selected on a validation part of the training 80%.
+
 Multi-GPU: ``torchrun --nproc_per_node=N train_swin.py ...`` (same flags; ``--batch_size`` is per GPU).
 A run directory holds args.json, split.json, log.jsonl, last.pt, best.pt, results.json, the
 predictions CSVs and PNG plots; ``--resume RUN_DIR`` continues a killed run.
@@ -18,9 +22,11 @@ import re
 
 import numpy as np
 
-from HyperIQASolver_swin import DEFAULT_TEST_PATCH_NUM, LOSSES, PATCH_SIZE, SCHEDULERS, HyperIQASolver
+from HyperIQASolver_swin import (
+    DEFAULT_TEST_PATCH_NUM, LOSSES, PATCH_SIZE, SCHEDULERS, HyperIQASolver, other_dataset_resize, protocol_record,
+)
 from iqa.evaluation import make_eval_set, parse_dataset_specs
-from iqa.datasets import DATASET_NAMES, DEFAULT_SPLIT_SEED, read_index, select_split
+from iqa.datasets import DATASET_NAMES, DEFAULT_SPLIT_SEED, HYPERIQA_RESIZE, PROTOCOLS, read_index, select_split
 from iqa.patches import DEFAULT_RESIZE
 from models.quality_encoder import ENCODER_FORMAT
 from iqa.runtime import (
@@ -29,13 +35,40 @@ from iqa.runtime import (
 )
 from models.swin_backbone import MODEL_SIZES
 
-METRIC_KEYS = ("srcc", "plcc", "plcc_logistic", "krcc", "rmse")
 ROUND_DIR = re.compile(r"round_\d+")
+# Defaults that depend on --protocol (a flag given on the command line always wins).  hyperiqa:
+# the defaults of HyperIQA's train_test_IQA.py; its lr / batch size / optimizer were tuned for
+# ResNet-50 and are not taken over (ours: see the README's Protocols section).
+PROTOCOL_DEFAULTS = {
+    "ours": {"epochs": 50, "train_patch_num": 5, "test_patch_num": DEFAULT_TEST_PATCH_NUM, "test_random_crop": False,
+             "train_test_num": 1},
+    "hyperiqa": {"epochs": 16, "train_patch_num": 25, "test_patch_num": 25, "test_random_crop": True,
+                 "train_test_num": 10},
+}
+
+
+def parse_resize(text):
+    """``--resize``: a shorter side ("384"; "0" = native) or a fixed size "WIDTHxHEIGHT" ("384x512")."""
+    width, sep, height = text.lower().partition("x")
+    try:
+        return [int(width), int(height)] if sep else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a side length (e.g. 384) nor WIDTHxHEIGHT "
+                                         f"(e.g. 384x512)") from None
+
+
+def protocol_resize(dataset, protocol):
+    """The default ``--resize`` of a dataset under a protocol."""
+    return HYPERIQA_RESIZE.get(dataset, DEFAULT_RESIZE) if protocol == "hyperiqa" else DEFAULT_RESIZE
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Swin-HyperIQA fine-tuning (Stage 2)", add_help=True)
     data = parser.add_argument_group("data")
+    data.add_argument("--protocol", default="ours", choices=PROTOCOLS,
+                      help="ours: 5 train / 10 grid test crops, shorter side 384, official or 70/10/20 split, MOS "
+                           "rescaled to [0, 1], 1 round; hyperiqa: HyperIQA's 25 + 25 random crops, resize and label, "
+                           "80/20 splits (validation carved from the 80%%) over 10 rounds, median reported")
     data.add_argument("--dataset", default="koniq-10k", choices=DATASET_NAMES)
     data.add_argument("--data_root", default=None, help="dataset folder (default ./koniq-10k for koniq-10k); "
                       "for --dataset csv the CSV file")
@@ -46,14 +79,17 @@ def get_args_parser():
                            "uses split_seed + k); pretrain_qualiclip.py has the same flag and default")
     data.add_argument("--image_col", default=None, help="image column of --dataset csv")
     data.add_argument("--score_col", default=None, help="score column of --dataset csv (higher = better)")
-    data.add_argument("--resize", type=int, default=DEFAULT_RESIZE,
-                      help="shorter image side before cropping, aspect kept (0 = native size)")
+    data.add_argument("--resize", type=parse_resize, default=None,
+                      help="shorter image side before cropping, aspect kept (0 = native size), or a fixed WIDTHxHEIGHT "
+                           f"(default {DEFAULT_RESIZE}; hyperiqa: HyperIQA's per dataset, e.g. 384x512 for KonIQ-10k)")
     data.add_argument("--patch_size", type=int, default=PATCH_SIZE)
-    data.add_argument("--train_patch_num", type=int, default=5,
-                      help="random crops per training image per epoch (a 224 crop covers ~1/4 of a 512x384 image)")
-    data.add_argument("--test_patch_num", type=int, default=DEFAULT_TEST_PATCH_NUM,
-                      help="crops per val/test image on a fixed grid, scores averaged")
-    data.add_argument("--test_random_crop", action="store_true", help="seeded random test crops instead of the grid")
+    data.add_argument("--train_patch_num", type=int, default=None,
+                      help="random crops per training image per epoch (default 5, hyperiqa 25; a 224 crop covers "
+                           "~1/4 of a 512x384 image)")
+    data.add_argument("--test_patch_num", type=int, default=None,
+                      help=f"crops per val/test image, scores averaged (default {DEFAULT_TEST_PATCH_NUM}, hyperiqa 25)")
+    data.add_argument("--test_random_crop", action="store_true", default=None,
+                      help="seeded random test crops instead of the grid (default under hyperiqa)")
     data.add_argument("--cross_datasets", nargs="*", default=[], metavar="NAME=ROOT",
                       help="datasets evaluated whole with the selected weights at the end, e.g. spaq=/data/spaq")
     data.add_argument("--cache_on_device", action="store_true", help="keep the decoded images on the GPU")
@@ -78,7 +114,7 @@ def get_args_parser():
                             "(the results are then not a clean evaluation)")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=int, default=50)
+    optim.add_argument("--epochs", type=int, default=None, help="default 50, hyperiqa 16")
     optim.add_argument("--batch_size", type=int, default=32, help="patches per step per GPU")
     optim.add_argument("--lr", type=float, default=5e-6, help="encoder learning rate (baseline)")
     optim.add_argument("--lr_ratio", type=float, default=10.0, help="head learning rate = --lr x --lr_ratio")
@@ -97,7 +133,9 @@ def get_args_parser():
     optim.add_argument("--no_early_stopping", action="store_true")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--train_test_num", type=int, default=1, help="rounds with seeds seed..seed+N-1 (median reported)")
+    run.add_argument("--train_test_num", type=int, default=None,
+                     help="rounds k = 0..N-1 with seed + k and split seed + k (median reported; default 1, "
+                          "hyperiqa 10)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--output_dir", default=None, help="default runs/train_swin_<dataset>_<size>_<timestamp>/")
     run.add_argument("--resume", default=None, metavar="RUN_DIR_OR_CHECKPOINT",
@@ -115,8 +153,18 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------- flags
 
+def apply_protocol_defaults(args):
+    """Fill the flags left unset with their ``--protocol`` defaults (in place)."""
+    for flag, value in PROTOCOL_DEFAULTS[args.protocol].items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    if args.resize is None:
+        args.resize = protocol_resize(args.dataset, args.protocol)
+
+
 def check_args(args):
     """Validate and complete the flags of a new run (in place)."""
+    apply_protocol_defaults(args)
     for flag in ("epochs", "batch_size", "train_patch_num", "test_patch_num", "grad_accum", "train_test_num",
                  "patience", "log_every", "lr_step_epochs"):
         if getattr(args, flag) < 1:
@@ -130,9 +178,13 @@ def check_args(args):
     if args.patch_size != PATCH_SIZE:
         raise UserError(f"--patch_size {args.patch_size}: the Swin backbones take {PATCH_SIZE}x{PATCH_SIZE} inputs; "
                         f"use --patch_size {PATCH_SIZE} and set the image scale with --resize")
-    if args.resize < 0:
+    if isinstance(args.resize, list):
+        if min(args.resize) < args.patch_size:
+            raise UserError(f"--resize {args.resize[0]}x{args.resize[1]} is smaller than --patch_size "
+                            f"{args.patch_size} on one side; use sides >= {args.patch_size}")
+    elif args.resize < 0:
         raise UserError(f"--resize must be 0 (native) or a side length >= {args.patch_size}")
-    if args.resize and args.resize < args.patch_size:
+    elif args.resize and args.resize < args.patch_size:
         raise UserError(f"--resize {args.resize} is smaller than --patch_size {args.patch_size}; use --resize >= "
                         f"{args.patch_size} (or 0 to keep native sizes)")
     if args.data_root is None:
@@ -230,10 +282,11 @@ def round_results(solver, round_dir, dist_info):
 
 
 def summarize(rounds):
-    """{block: {metric: {median, mean, std}}} over rounds, for val/test/test_last and each cross dataset."""
+    """{block: {metric: {median, mean, std}}} over rounds, for val/test/test_last and each cross dataset
+    (every metric the blocks hold: cross-dataset blocks have no raw rmse)."""
     def stats(blocks):
         return {m: {"median": float(np.median([b[m] for b in blocks])), "mean": float(np.mean([b[m] for b in blocks])),
-                    "std": float(np.std([b[m] for b in blocks]))} for m in METRIC_KEYS}
+                    "std": float(np.std([b[m] for b in blocks]))} for m in blocks[0] if m != "n"}
 
     summary = {key: stats([r[key] for r in rounds]) for key in ("val", "test", "test_last")}
     summary["cross_dataset"] = {name: stats([r["cross_dataset"][name] for r in rounds])
@@ -248,7 +301,7 @@ def split_dataset(samples, dataset):
 
 def read_dataset(args, split_seed):
     return read_index(args.dataset, args.data_root, seed=split_seed, split_file=args.split_file,
-                      image_col=args.image_col, score_col=args.score_col)
+                      image_col=args.image_col, score_col=args.score_col, protocol=args.protocol)
 
 
 def pretrained_images(path):
@@ -284,9 +337,13 @@ def check_pretrain_overlap(args, round_splits):
         print(f"warning: {message}; continuing because of --allow_pretrain_overlap: the validation and test "
               f"numbers of this run are not a clean evaluation")
         return
-    same_seed = stage1_args.get("split_seed")
-    advice = (f"use Stage 1's split (--split_seed {same_seed})" if same_seed is not None and same_seed != args.split_seed
-              else "use the split Stage 1 used")
+    same_seed, same_protocol = stage1_args.get("split_seed"), stage1_args.get("protocol", "ours")
+    if same_protocol != args.protocol:
+        advice = f"use Stage 1's protocol (--protocol {same_protocol}) and split seed"
+    elif same_seed is not None and same_seed != args.split_seed:
+        advice = f"use Stage 1's split (--split_seed {same_seed})"
+    else:
+        advice = "use the split Stage 1 used"
     raise UserError(f"{message}; {advice}, a --split_file or the official koniq10k_distributions_sets.csv "
                     f"that keeps them apart, pretrain on other images, or pass --allow_pretrain_overlap to "
                     f"accept it knowingly")
@@ -308,7 +365,7 @@ def train(args, dist_info):
     check_pretrain_overlap(args, round_splits)
     cross_samples = {name: read_index(name, root)
                      for name, root in parse_dataset_specs(args.cross_datasets, "--cross_datasets").items()}
-    cross_sets = {name: make_eval_set(name, samples, args.resize, args.patch_size, dist_info,
+    cross_sets = {name: make_eval_set(name, samples, other_dataset_resize(args.resize), args.patch_size, dist_info,
                                       on_device=args.cache_on_device)
                   for name, samples in cross_samples.items()}
     rounds = []
@@ -321,6 +378,7 @@ def train(args, dist_info):
                 if not args.resume:
                     save_args(run_dir, args)
                 print(f"run directory: {run_dir}")
+                print(f"protocol {args.protocol}: {json.dumps(protocol_record(args))}")
             if args.train_test_num > 1:
                 prepare_output_dir(round_dir, resume=bool(args.resume))
                 if not os.path.isfile(os.path.join(round_dir, "args.json")):
@@ -335,11 +393,11 @@ def train(args, dist_info):
         if dist_info.is_main:
             atomic_write_json(os.path.join(run_dir, "results.json"), {
                 "dataset": args.dataset, "model_size": args.model_size, "train_test_num": args.train_test_num,
-                "rounds": rounds, "summary": summary,
+                "protocol": protocol_record(args), "rounds": rounds, "summary": summary,
             })
             test = summary["test"]
-            print(f"test over {args.train_test_num} rounds: SRCC median {test['srcc']['median']:.4f} "
-                  f"(mean {test['srcc']['mean']:.4f} ± {test['srcc']['std']:.4f}), PLCC median "
+            print(f"test over {args.train_test_num} rounds (protocol {args.protocol}): SRCC median "
+                  f"{test['srcc']['median']:.4f} (mean {test['srcc']['mean']:.4f} ± {test['srcc']['std']:.4f}), PLCC median "
                   f"{test['plcc']['median']:.4f} (mean {test['plcc']['mean']:.4f} ± {test['plcc']['std']:.4f})")
     if dist_info.is_main:
         print(f"run directory: {run_dir}")

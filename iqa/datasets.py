@@ -22,6 +22,9 @@ livec           Data/AllImages_release.mat, Data/AllMOS_release.mat, Images/; th
 csv             root is a CSV (or .xlsx) file; image column and score column by name,
                 image paths relative to the CSV's folder or absolute
 ==============  =========================================================================
+
+``protocol="hyperiqa"`` reads a dataset as HyperIQA's loaders do (KonIQ-10k's ``MOS_zscore``
+label) and splits it with ``hyperiqa_split`` instead of the official or 70/10/20 split.
 """
 import csv
 import json
@@ -36,8 +39,8 @@ from PIL import Image
 from iqa.runtime import UserError
 
 __all__ = [
-    "DATASET_NAMES", "SPLITS", "DEFAULT_SPLIT_SEED", "Sample", "read_index", "select_split", "load_rgb",
-    "mos_bounds", "normalize_mos",
+    "DATASET_NAMES", "SPLITS", "DEFAULT_SPLIT_SEED", "PROTOCOLS", "HYPERIQA_RESIZE", "Sample", "read_index",
+    "select_split", "hyperiqa_split", "split_source", "label_column", "load_rgb", "mos_bounds", "normalize_mos",
 ]
 
 DATASET_NAMES = ("koniq-10k", "spaq", "kadid-10k", "agiqa-3k", "livec", "csv")
@@ -45,6 +48,20 @@ SPLITS = ("train", "val", "test")
 # Seed of the seeded splits, shared by both stages' --split_seed so that Stage 1 never trains on
 # an image Stage 2 validates or tests on; independent of the run seed.
 DEFAULT_SPLIT_SEED = 0
+PROTOCOLS = ("ours", "hyperiqa")
+# The label each reader trains on; HyperIQA's Koniq_10kFolder (folders.py) reads MOS_zscore instead.
+LABEL_COLUMNS = {"koniq-10k": "MOS", "spaq": "MOS", "kadid-10k": "dmos", "agiqa-3k": "mos_quality",
+                 "livec": "AllMOS_release"}
+HYPERIQA_KONIQ_LABEL = "MOS_zscore"
+# Image size HyperIQA's data_loader.py gives each dataset it reads, as [width, height] (fixed size)
+# or 0 (native).  Its torchvision Resize((512, 384)) is (height, width): KonIQ-10k becomes 384
+# wide and 512 tall.  KADID-10k has no HyperIQA loader; its synthetic-distortion loaders (LIVE,
+# CSIQ, TID2013) keep the native size.  Datasets not listed use our shorter-side --resize.
+HYPERIQA_RESIZE = {"koniq-10k": [384, 512], "livec": 0, "kadid-10k": 0}
+# Validation carved (seeded) from the training 80% of a HyperIQA split: 1/8, i.e. 10% of all images,
+# so both protocols train on 70%.
+HYPERIQA_TRAIN_FRACTION = 0.8
+HYPERIQA_VAL_SHARE = 1 / 8
 
 LAYOUTS = {
     "koniq-10k": "koniq10k_scores_and_distributions.csv (or koniq10k_distributions_sets.csv) and 1024x768/ or 512x384/",
@@ -82,11 +99,14 @@ class Sample:
 
 # ----------------------------------------------------------------------------- public API
 
-def read_index(name, root, *, seed=0, split_file=None, image_col=None, score_col=None, check_exists=True):
+def read_index(name, root, *, seed=0, split_file=None, image_col=None, score_col=None, check_exists=True,
+               protocol="ours"):
     """Read a dataset's annotations into ``Sample``s, every one with its split.
 
     ``seed`` drives the seeded 70/10/20 split used where the dataset has no official one
     (KADID-10k grouped by reference image, so no reference content crosses splits).
+    ``protocol="hyperiqa"``: HyperIQA's label (see ``label_column``) and ``hyperiqa_split`` by
+    ``seed`` for every dataset, official splits ignored; a ``split_file`` is refused.
     ``split_file`` (JSON ``{"train": [...], "val": [...], "test": [...]}`` or a CSV with an image
     column and a ``set``/``split`` column) overrides every other split; images it does not list
     get split None, as do KonIQ images listed in neither koniq_train.json nor koniq_test.json.
@@ -95,6 +115,11 @@ def read_index(name, root, *, seed=0, split_file=None, image_col=None, score_col
     """
     if name not in DATASET_NAMES:
         raise UserError(f"--dataset '{name}' is unknown; choose one of {', '.join(DATASET_NAMES)}")
+    if protocol not in PROTOCOLS:
+        raise UserError(f"--protocol '{protocol}' is unknown; choose one of {', '.join(PROTOCOLS)}")
+    if protocol == "hyperiqa" and split_file is not None:
+        raise UserError(f"--split_file '{split_file}' cannot be used with --protocol hyperiqa, whose rounds draw "
+                        f"their own 80/20 splits from --split_seed; drop --split_file or use --protocol ours")
     root = os.fspath(root)
     if not os.path.exists(root):
         what = "the path of" if name == "csv" else "the folder holding"
@@ -104,7 +129,7 @@ def read_index(name, root, *, seed=0, split_file=None, image_col=None, score_col
     else:
         if not os.path.isdir(root):
             raise UserError(f"{name} root '{root}' is not a folder; pass the folder holding {LAYOUTS[name]}")
-        names, samples = _READERS[name](root, seed, check_exists)
+        names, samples = _READERS[name](root, seed, check_exists, label_column(name, protocol))
     if not samples:
         raise UserError(f"the {name} annotations under '{root}' list no images; add one row per image")
     if check_exists:
@@ -114,11 +139,39 @@ def read_index(name, root, *, seed=0, split_file=None, image_col=None, score_col
                     f"{sample.origin}: image '{listed}' not found at {sample.path}; "
                     f"restore the image or remove this row"
                 )
+    group = (lambda s: s.ref) if name == "kadid-10k" else None
+    if protocol == "hyperiqa":
+        return hyperiqa_split(samples, seed, group=group)
     if split_file is not None:
         return _apply_split_file(names, samples, os.fspath(split_file))
     if name == "koniq-10k":
         return samples  # the reader already applied KonIQ's official / seed split
-    return _seeded_split(samples, seed, group=(lambda s: s.ref) if name == "kadid-10k" else None)
+    return _seeded_split(samples, seed, group=group)
+
+
+def label_column(name, protocol="ours", score_col=None):
+    """The annotation column ``read_index`` takes the label from (``csv``: ``score_col`` or the detected one)."""
+    if name == "csv":
+        return score_col or f"first of {'/'.join(_SCORE_COLUMNS)}"
+    if name == "koniq-10k" and protocol == "hyperiqa":
+        return HYPERIQA_KONIQ_LABEL
+    return LABEL_COLUMNS[name]
+
+
+def split_source(name, root, *, split_file=None, protocol="ours"):
+    """How ``read_index`` splits this dataset, in words (for results.json)."""
+    grouped = " grouped by reference image" if name == "kadid-10k" else ""
+    if protocol == "hyperiqa":
+        return (f"hyperiqa: random 80/20 train/test{grouped}, validation = a seeded 1/8 of the 80% "
+                f"(split seed)")
+    if split_file is not None:
+        return f"--split_file {split_file}"
+    if name == "koniq-10k":
+        official = _koniq_split_files(os.fspath(root))
+        if official:
+            return "official: " + " + ".join(os.path.basename(p) for p in official) + (
+                "" if len(official) == 1 else ", validation = a seeded 1/8 of train (split seed)")
+    return f"seeded 70/10/20{grouped} (split seed)"
 
 
 def select_split(samples, split, dataset=None):
@@ -289,13 +342,25 @@ def _need_file(path, dataset):
 # ----------------------------------------------------------------------------- readers
 # Each reader returns (names as listed in the annotations, samples); names serve split files.
 
-def _read_koniq(root, seed, check_exists):
+def _koniq_split_files(root):
+    """The official split files of a KonIQ-10k root, in the order the reader prefers them ([] = none)."""
+    sets_csv = os.path.join(root, "koniq10k_distributions_sets.csv")
+    if os.path.isfile(sets_csv):
+        return [sets_csv]
+    jsons = [os.path.join(root, "koniq_train.json"), os.path.join(root, "koniq_test.json")]
+    return jsons if any(os.path.isfile(p) for p in jsons) else []
+
+
+def _read_koniq(root, seed, check_exists, label):
     scores_csv = os.path.join(root, "koniq10k_scores_and_distributions.csv")
     sets_csv = os.path.join(root, "koniq10k_distributions_sets.csv")
     # The sets file carries MOS too, so it alone is enough; a missing pair is reported by the scores name.
     table = sets_csv if os.path.isfile(sets_csv) and not os.path.isfile(scores_csv) else scores_csv
     header, rows = _read_table(_need_file(table, "koniq-10k"))
-    name_col, mos_col = _column(header, table, ["image_name"]), _column(header, table, ["MOS"])
+    if label == HYPERIQA_KONIQ_LABEL and label.lower() not in (h.lower() for h in header):
+        raise UserError(f"'{table}' has no {label} column, the label HyperIQA trains on; provide "
+                        f"koniq10k_scores_and_distributions.csv (it has one) or use --protocol ours")
+    name_col, mos_col = _column(header, table, ["image_name"]), _column(header, table, [label])
     image_dir = next(
         (os.path.join(root, d) for d in ("1024x768", "512x384") if os.path.isdir(os.path.join(root, d))), None
     )
@@ -310,13 +375,10 @@ def _read_koniq(root, seed, check_exists):
         names.append(name)
         samples.append(Sample(os.path.join(image_dir, name), _parse_mos(row[mos_col], origin, mos_col), None, origin))
 
-    train_json, test_json = os.path.join(root, "koniq_train.json"), os.path.join(root, "koniq_test.json")
-    if os.path.isfile(sets_csv):
-        splits = _split_table(sets_csv)
-    elif os.path.isfile(train_json) or os.path.isfile(test_json):
-        splits = _koniq_json_splits(train_json, test_json, seed)
-    else:
+    official = _koniq_split_files(root)
+    if not official:
         return names, _seeded_split(samples, seed)
+    splits = _split_table(official[0]) if len(official) == 1 else _koniq_json_splits(*official, seed)
     return names, _assign_splits(names, samples, splits)
 
 
@@ -366,30 +428,30 @@ def _json_entry_name(item, origin):
     return os.path.basename(item.strip())
 
 
-def _read_spaq(root, seed, check_exists):
+def _read_spaq(root, seed, check_exists, label):
     stem = os.path.join(root, "Annotations", "MOS and Image attribute scores")
     table = next((stem + ext for ext in (".xlsx", ".csv") if os.path.isfile(stem + ext)), stem + ".xlsx")
     header, rows = _read_table(_need_file(table, "spaq"))
-    name_col, mos_col = _column(header, table, ["Image name"]), _column(header, table, ["MOS"])
+    name_col, mos_col = _column(header, table, ["Image name"]), _column(header, table, [label])
     image_dir = os.path.join(root, "TestImage")
     return _simple_samples(table, rows, name_col, mos_col, lambda name: os.path.join(image_dir, name))
 
 
-def _read_kadid(root, seed, check_exists):
+def _read_kadid(root, seed, check_exists, label):
     table = _need_file(os.path.join(root, "dmos.csv"), "kadid-10k")
     header, rows = _read_table(table)
     name_col, ref_col = _column(header, table, ["dist_img"]), _column(header, table, ["ref_img"])
-    mos_col = _column(header, table, ["dmos"])
+    mos_col = _column(header, table, [label])
     image_dir = os.path.join(root, "images")
     names, samples = _simple_samples(table, rows, name_col, mos_col, lambda name: os.path.join(image_dir, name))
     refs = [row[ref_col].strip() for _, row in rows]
     return names, [replace(s, ref=ref) for s, ref in zip(samples, refs)]
 
 
-def _read_agiqa(root, seed, check_exists):
+def _read_agiqa(root, seed, check_exists, label):
     table = _need_file(os.path.join(root, "data.csv"), "agiqa-3k")
     header, rows = _read_table(table)
-    name_col, mos_col = _column(header, table, ["name"]), _column(header, table, ["mos_quality"])
+    name_col, mos_col = _column(header, table, ["name"]), _column(header, table, [label])
     folders = [root, os.path.join(root, "images"), os.path.join(root, "AGIQA-3K")]
 
     def locate(name):
@@ -398,13 +460,13 @@ def _read_agiqa(root, seed, check_exists):
     return _simple_samples(table, rows, name_col, mos_col, locate)
 
 
-def _read_livec(root, seed, check_exists):
+def _read_livec(root, seed, check_exists, label):
     from scipy.io import loadmat
 
     names_mat = _need_file(os.path.join(root, "Data", "AllImages_release.mat"), "livec")
     mos_mat = _need_file(os.path.join(root, "Data", "AllMOS_release.mat"), "livec")
     all_names = [str(np.ravel(cell)[0]).strip() for cell in np.ravel(_mat_variable(loadmat, names_mat, "AllImages_release"))]
-    all_mos = np.ravel(_mat_variable(loadmat, mos_mat, "AllMOS_release"))
+    all_mos = np.ravel(_mat_variable(loadmat, mos_mat, label))
     if len(all_names) != len(all_mos):
         raise UserError(
             f"'{names_mat}' lists {len(all_names)} images but '{mos_mat}' has {len(all_mos)} scores; use matching release files"
@@ -414,7 +476,7 @@ def _read_livec(root, seed, check_exists):
     for index in range(7, len(all_names)):  # entries 1-7 are LIVE-C's training images (t1..t7)
         origin = f"{mos_mat}:{index + 1}"
         names.append(all_names[index])
-        mos = _parse_mos(all_mos[index], origin, "AllMOS_release")
+        mos = _parse_mos(all_mos[index], origin, label)
         samples.append(Sample(os.path.join(image_dir, all_names[index]), mos, None, origin))
     return names, samples
 
@@ -474,6 +536,24 @@ def _seeded_split(samples, seed, group=None):
     split_of = {}
     for rank, index in enumerate(order):
         split_of[groups[index]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return [replace(s, split=split_of[key(s)]) for s in samples]
+
+
+def hyperiqa_split(samples, seed, group=None):
+    """HyperIQA's split (train_test_IQA.py) with a validation part: a seeded random 80/20 train/test
+    split of the images (``group``: of whole groups, e.g. KADID-10k reference images), then a seeded
+    1/8 of the training 80% as validation, so the epoch is never chosen on the test images.
+
+    The 80% is ``round(0.8 * n)`` as in HyperIQA.  Depends on ``seed`` (a round's split seed) only.
+    """
+    key = group or (lambda s: s.path)
+    groups = sorted({key(s) for s in samples})
+    order = np.random.default_rng(seed).permutation(len(groups))
+    n_train = int(round(HYPERIQA_TRAIN_FRACTION * len(groups)))
+    n_val = max(1, round(HYPERIQA_VAL_SHARE * n_train)) if n_train > 1 else 0
+    split_of = {}
+    for rank, index in enumerate(order):
+        split_of[groups[index]] = "val" if rank < n_val else "train" if rank < n_train else "test"
     return [replace(s, split=split_of[key(s)]) for s in samples]
 
 

@@ -1,8 +1,8 @@
 """Decoded-once image cache and the patch datasets of Stage 2.
 
 Every image is decoded (``iqa.datasets.load_rgb``) and resized **once** (shorter side to
-``resize``, aspect kept; images smaller than a patch are upscaled so one fits) into a uint8
-``3×H×W`` tensor.  The datasets then only slice those tensors: a worker never decodes, never
+``resize``, aspect kept, or to a fixed ``[width, height]``; images smaller than a patch are
+upscaled so one fits) into a uint8 ``3×H×W`` tensor.  The datasets then only slice those tensors: a worker never decodes, never
 converts to float; ImageNet normalisation happens on the device (``runtime.to_model_input``).
 
 * ``TrainPatchDataset``: ``patch_num`` random crops (+ horizontal flip) per image per epoch.
@@ -27,7 +27,10 @@ DEFAULT_RESIZE = 384  # shorter side of every image both stages see; KonIQ 1024�
 
 
 def resized_size(width, height, resize, patch_size):
-    """``(w, h)`` with the shorter side scaled to ``resize`` (0 = native), never below ``patch_size``."""
+    """``(w, h)`` with the shorter side scaled to ``resize`` (0 = native), or ``resize`` itself when it
+    is a fixed ``[width, height]``; never below ``patch_size``."""
+    if isinstance(resize, (list, tuple)):
+        return max(patch_size, int(resize[0])), max(patch_size, int(resize[1]))
     short = min(width, height)
     target = max(resize or short, patch_size)
     if target == short:
@@ -37,11 +40,13 @@ def resized_size(width, height, resize, patch_size):
 
 
 def load_resized(sample, resize, patch_size):
-    """One sample -> uint8 ``3×H×W`` tensor, resized with PIL bicubic (antialiased)."""
+    """One sample -> uint8 ``3×H×W`` tensor, resized with PIL bicubic (antialiased); a fixed
+    ``[width, height]`` with PIL bilinear, which is what HyperIQA's torchvision ``Resize((h, w))``
+    does to PIL images."""
     image = datasets.load_rgb(sample.path, sample.origin)
     size = resized_size(*image.size, resize, patch_size)
     if size != image.size:
-        image = image.resize(size, Image.BICUBIC)
+        image = image.resize(size, Image.BILINEAR if isinstance(resize, (list, tuple)) else Image.BICUBIC)
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 

@@ -1,14 +1,17 @@
 """Collect one run of run_qualiclip_experiments.sh into summary.md, summary.json and plots.
 
-Reads ``<results>/pretrain/results.json`` (and ``args.json``, to tell whether Stage 1 used the
-offline demo's random text anchors), every fine-tune ``<results>/<model>/seed_<s>/`` (its
+Reads Stage 1's ``<results>/pretrain/results.json`` (``--protocol hyperiqa``: one Stage 1 per
+round, ``<results>/pretrain/seed_<s>/results.json``) and ``args.json`` (to tell whether Stage 1
+used the offline demo's random text anchors), every fine-tune ``<results>/<model>/seed_<s>/`` (its
 ``results.json``, ``args.json``, ``log.jsonl`` and test predictions) for the three models
 (baseline; baseline at the pretrained run's encoder LR; from the Stage-1 encoder),
 ``<results>/cross_dataset.json`` and the step timings written by the pipeline.
 
-Over seeds every number is the mean ± the sample standard deviation (ddof 1); differences
-between models are paired by seed (same split, same data order), so their spread is the
-standard deviation of the per-seed differences.
+Over seeds every number is the mean ± the sample standard deviation (ddof 1); under
+``--protocol hyperiqa`` each seed is one HyperIQA round (its own 80/20 split) and the median over
+rounds comes first, the mean ± std beside it.  Differences between models are paired by seed
+(same split, same data order), so their spread is the standard deviation of the per-seed
+differences.
 
     python tools/summarize_experiment.py results/20261127_101500 [--demo]
 """
@@ -83,24 +86,30 @@ def format_duration(seconds):
 # ----------------------------------------------------------------------------- statistics over seeds
 
 def seed_stats(values):
-    """{mean, std (sample, ddof 1; None for one value), n, values} of per-seed numbers."""
+    """{mean, std (sample, ddof 1; None for one value), median, n, values} of per-seed numbers."""
     values = [float(v) for v in values]
     std = float(np.std(values, ddof=1)) if len(values) > 1 else None
-    return {"mean": float(np.mean(values)), "std": std, "n": len(values), "values": values}
+    return {"mean": float(np.mean(values)), "std": std, "median": float(np.median(values)), "n": len(values),
+            "values": values}
 
 
-def format_stat(stat, signed=False):
+def format_stat(stat, signed=False, median=False):
+    """'mean ± std'; with ``median`` (HyperIQA's protocol) 'median (mean ± std)'."""
     if stat is None:
         return "n/a"
-    text = f"{stat['mean']:+.4f}" if signed else f"{stat['mean']:.4f}"
-    return text if stat["std"] is None else f"{text} ± {stat['std']:.4f}"
+    number = "{:+.4f}" if signed else "{:.4f}"
+    text = number.format(stat["mean"])
+    if stat["std"] is None:
+        return text
+    text = f"{text} ± {stat['std']:.4f}"
+    return f"{number.format(stat['median'])} (mean {text})" if median else text
 
 
-def pair(block, signed=False):
+def pair(block, signed=False, median=False):
     """'SRCC / PLCC' of a {metric: stat} block."""
     if not block:
         return "n/a"
-    return f"{format_stat(block['srcc'], signed)} / {format_stat(block['plcc'], signed)}"
+    return f"{format_stat(block['srcc'], signed, median)} / {format_stat(block['plcc'], signed, median)}"
 
 
 def metric_stats(blocks, keys=("srcc", "plcc")):
@@ -143,10 +152,9 @@ def encoder_lr(args):
     return args.get("lr_encoder_pretrained") if matched else args.get("lr")
 
 
-def used_random_anchors(results_dir):
+def used_random_anchors(pretrain_args):
     """True when Stage 1's --text_features file is tools/make_text_features.py's random stand-in."""
-    args = read_json(os.path.join(results_dir, "pretrain", "args.json"), required=False) or {}
-    path = args.get("text_features")
+    path = pretrain_args.get("text_features")
     if not path or not os.path.isfile(path):
         return False
     anchors = runtime.safe_load(path, "--text_features")
@@ -172,6 +180,8 @@ def collect_model(results_dir, model, seeds, cross, timings):
         "encoder_lr": encoder_lr(args),
         "head_lr": args["lr"] * args["lr_ratio"] if "lr" in args and "lr_ratio" in args else None,
         "protocol": args.get("protocol", "ours"),
+        "protocol_details": runs[0]["results"].get("protocol"),
+        "split_seeds": [r["args"].get("split_seed") for r in runs],
         "koniq_test": metric_stats([r["results"]["test"] for r in runs], ("srcc", "plcc", "plcc_logistic", "krcc")),
         "koniq_test_last": metric_stats([r["results"].get("test_last") for r in runs]),
         "val": metric_stats([r["results"].get("val") for r in runs]),
@@ -183,16 +193,53 @@ def collect_model(results_dir, model, seeds, cross, timings):
     }
 
 
+def collect_pretrain(results_dir, seeds, timings):
+    """Stage 1: one run (``pretrain/``) or, under --protocol hyperiqa, one per round (``pretrain/seed_<s>/``).
+
+    One run keeps its own blocks; several give {metric: seed_stats} and the mean level ranking and time."""
+    folder = os.path.join(results_dir, "pretrain")
+    if os.path.isfile(os.path.join(folder, "results.json")) or not os.path.isdir(os.path.join(folder, f"seed_{seeds[0]}")):
+        results = read_json(os.path.join(folder, "results.json"))
+        args = read_json(os.path.join(folder, "args.json"), required=False) or {}
+        return {"zero_shot_val": results.get("zero_shot_val"),
+                "level_ranking_accuracy": results.get("level_ranking_accuracy"),
+                "time_s": timings.get("pretrain"), "random_anchors": used_random_anchors(args),
+                "split_seed": args.get("split_seed")}
+    runs = []
+    for seed in seeds:
+        run_dir = os.path.join(folder, f"seed_{seed}")
+        runs.append({"seed": seed, "results": read_json(os.path.join(run_dir, "results.json")),
+                     "args": read_json(os.path.join(run_dir, "args.json"), required=False) or {},
+                     "time_s": timings.get(f"pretrain_seed{seed}")})
+    rankings = [r["results"].get("level_ranking_accuracy") for r in runs]
+    times = [r["time_s"] for r in runs if r["time_s"] is not None]
+    return {
+        "per_round": [{"seed": r["seed"], "split_seed": r["args"].get("split_seed"),
+                       "zero_shot_val": r["results"].get("zero_shot_val"),
+                       "level_ranking_accuracy": r["results"].get("level_ranking_accuracy"), "time_s": r["time_s"]}
+                      for r in runs],
+        "zero_shot_val": metric_stats([r["results"].get("zero_shot_val") for r in runs]),
+        "level_ranking_accuracy": ({name: float(np.mean([r[name] for r in rankings])) for name in rankings[0]}
+                                   if all(rankings) else None),
+        "time_s": float(np.mean(times)) if times else None,
+        "random_anchors": used_random_anchors(runs[0]["args"]),
+        "split_seed": [r["args"].get("split_seed") for r in runs],
+    }
+
+
 def collect(results_dir):
     timings = read_timings(os.path.join(results_dir, "timings.tsv"))
-    pretrain = read_json(os.path.join(results_dir, "pretrain", "results.json"))
-    pretrain_args = read_json(os.path.join(results_dir, "pretrain", "args.json"), required=False) or {}
     cross = read_json(os.path.join(results_dir, "cross_dataset.json"), required=False)
     seeds = {model: model_seeds(results_dir, model) for model, _ in MODELS}
     if len({tuple(s) for s in seeds.values()}) > 1:
         raise UserError(f"the models of '{results_dir}' were fine-tuned with different seeds ({seeds}); "
                         f"rerun the missing fine-tunes")
     models = {model: collect_model(results_dir, model, seeds[model], cross, timings) for model, _ in MODELS}
+    protocols = {m["protocol"] for m in models.values()}
+    if len(protocols) > 1:
+        raise UserError(f"the models of '{results_dir}' were fine-tuned under different protocols "
+                        f"({', '.join(sorted(protocols))}); their numbers are not comparable, rerun them under one")
+    pretrain = collect_pretrain(results_dir, seeds["baseline"], timings)
     by_seed = {model: [{"test": r["koniq_test"], **r["cross_dataset"]} for r in models[model]["per_seed"]]
                for model in models}
     differences = {}
@@ -205,10 +252,9 @@ def collect(results_dir):
         }
     return {
         "seeds": seeds["baseline"],
-        "split_seed": pretrain_args.get("split_seed"),
-        "pretrain": {"zero_shot_val": pretrain.get("zero_shot_val"),
-                     "level_ranking_accuracy": pretrain.get("level_ranking_accuracy"),
-                     "time_s": timings.get("pretrain"), "random_anchors": used_random_anchors(results_dir)},
+        "protocol": protocols.pop(),
+        "split_seed": pretrain.pop("split_seed"),
+        "pretrain": pretrain,
         "models": models,
         "differences": differences,
     }
@@ -218,18 +264,42 @@ def collect(results_dir):
 
 def protocol_lines(summary):
     seeds = summary["seeds"]
-    protocols = sorted({m["protocol"] for m in summary["models"].values()})
+    hyperiqa = summary["protocol"] == "hyperiqa"
     spread = ("mean ± sample standard deviation (ddof 1) over the seeds" if len(seeds) > 1
               else "one seed, so no spread is available: differences smaller than the seed-to-seed variation of "
                    "this setting cannot be told from noise (rerun with `--seeds N`)")
-    return [f"Protocol: {', '.join(protocols)}. KonIQ-10k split seed {summary['split_seed']}; the epoch was selected "
-            f"on the validation split and the test split was never used to choose.",
-            f"Fine-tune seeds: {', '.join(map(str, seeds))} ({len(seeds)}); every number is the {spread}.", ""]
+    if hyperiqa and len(seeds) > 1:
+        spread = "median over the rounds, with (mean ± sample standard deviation, ddof 1) beside it"
+    if not hyperiqa:
+        return [f"Protocol: ours. KonIQ-10k split seed {summary['split_seed']}; the epoch was selected on the "
+                f"validation split and the test split was never used to choose.",
+                f"Fine-tune seeds: {', '.join(map(str, seeds))} ({len(seeds)}); every number is the {spread}.", ""]
+    details = summary["models"]["baseline"]["protocol_details"] or {}
+    crops = (f"{details['train_patch_num']} random training crops, {details['test_patch_num']} {details['test_crops']} "
+             f"test crops averaged, resize {details['resize']}, label {details['label']} ({details['targets']}); "
+             if details else "")
+    split_seeds = summary["models"]["baseline"]["split_seeds"]
+    return [f"Protocol: hyperiqa (HyperIQA's: {crops}each seed is one round with its own random 80/20 KonIQ-10k "
+            f"split, split seeds {', '.join(map(str, split_seeds))}); the epoch was selected on a validation part "
+            f"carved from each round's 80% and the test part was never used to choose.",
+            f"Fine-tune seeds (rounds): {', '.join(map(str, seeds))} ({len(seeds)}); every number is the {spread}.",
+            ""]
 
 
 def stage1_lines(summary):
     pretrain = summary["pretrain"]
     lines = []
+    if "per_round" in pretrain:
+        if pretrain["zero_shot_val"]:
+            lines.append(f"Stage 1 (one run per round on its training part, {format_duration(pretrain['time_s'])} "
+                         f"each on average): zero-shot SRCC/PLCC of the encoder on each round's validation part: "
+                         f"{pair(pretrain['zero_shot_val'], median=True)}")
+        ranking = pretrain["level_ranking_accuracy"]
+        if ranking:
+            cells = ", ".join(f"{name} {value:.3f}" for name, value in ranking.items() if name != "overall")
+            lines.append(f"Stage 1 level-ranking accuracy on held-out clean images, mean over rounds (0.5 = chance): "
+                         f"overall {ranking['overall']:.3f} ({cells})")
+        return lines + [""] if lines else []
     if pretrain["zero_shot_val"]:
         lines.append(f"Stage 1 ({format_duration(pretrain['time_s'])}): zero-shot SRCC/PLCC of the encoder "
                      f"on the KonIQ-10k validation split: {pretrain['zero_shot_val']['srcc']:.4f} / "
@@ -250,6 +320,7 @@ def render_markdown(summary, demo):
     if summary["pretrain"]["random_anchors"]:
         lines += [RANDOM_ANCHORS_NOTE, ""]
     lines += protocol_lines(summary) + stage1_lines(summary)
+    median = summary["protocol"] == "hyperiqa"
     lines += ["## Performance comparison", "",
               "| Model | init | encoder / head LR | KonIQ-10k test (SRCC/PLCC) | best epoch (val) | Training time |",
               "|---|---|---|---|---|---|"]
@@ -262,16 +333,17 @@ def render_markdown(summary, demo):
                          f"{format_duration(pretrain_time + m['finetune_time_s'])}")
         lrs = f"{m['encoder_lr']:g} / {m['head_lr']:g}" if m["head_lr"] is not None else "n/a"
         epochs = ", ".join(str(e) for e in m["best_epoch"])
-        lines.append(f"| {label} | {m['init']} | {lrs} | {pair(m['koniq_test'])} | {epochs} | {time_text} |")
+        lines.append(f"| {label} | {m['init']} | {lrs} | {pair(m['koniq_test'], median=median)} | {epochs} | "
+                     f"{time_text} |")
 
     present = [(k, label) for k, label in CROSS_NAMES
                if any(k in summary["models"][m]["cross_dataset"] for m, _ in MODELS)]
     lines += ["", "## What pretraining changes (differences, paired by seed; SRCC/PLCC)", "",
-              "| Comparison | what differs | KonIQ-10k test | " + " | ".join(label for _, label in present) + " |",
+              "| Comparison | what differs | " + " | ".join(["KonIQ-10k test", *(label for _, label in present)]) + " |",
               "|---|---|---|" + "---|" * len(present)]
     for first, second, what in COMPARISONS:
         diff = summary["differences"][f"{first}-{second}"]
-        cells = [pair(diff.get("test"), signed=True)] + [pair(diff.get(k), signed=True) for k, _ in present]
+        cells = [pair(diff.get(k), signed=True, median=median) for k in ("test", *(k for k, _ in present))]
         lines.append(f"| {LABELS[first]} − {LABELS[second]} | {what} | " + " | ".join(cells) + " |")
 
     lines += ["", "## Cross-dataset generalization (trained on KonIQ-10k; SRCC/PLCC)", ""]
@@ -279,7 +351,7 @@ def render_markdown(summary, demo):
         lines += ["| Model | " + " | ".join(label for _, label in present) + " |",
                   "|---|" + "---|" * len(present)]
         for key, label in MODELS:
-            cells = [pair(summary["models"][key]["cross_dataset"].get(k)) for k, _ in present]
+            cells = [pair(summary["models"][key]["cross_dataset"].get(k), median=median) for k, _ in present]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     else:
         lines.append("No cross-dataset roots were found, so nothing was evaluated.")
