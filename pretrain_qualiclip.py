@@ -34,6 +34,7 @@ from qualiclip_pretrain.degradation_generator import (
     parse_distortion_types,
     select_levels,
 )
+from qualiclip_pretrain.diagnostics import choose_images, collapse_warning, feature_spread, level_ranking_accuracy
 from qualiclip_pretrain.pretrain_dataset import PretrainDataset, list_image_dir
 from qualiclip_pretrain.qualiclip_loss import build_loss
 
@@ -72,6 +73,9 @@ def get_args_parser():
                       help="shorter side of images for zero-shot eval (default: --resize)")
     data.add_argument("--eval_patch_num", type=int, default=5, help="grid crops averaged per image in zero-shot eval")
     data.add_argument("--no_eval", action="store_true", help="skip the per-epoch zero-shot evaluation")
+    data.add_argument("--level_eval_images", type=int, default=100,
+                      help="held-out clean images (a seeded choice) for the per-epoch level-ranking accuracy "
+                           "(0: skip it)")
 
     model = p.add_argument_group("model")
     model.add_argument("--model_size", choices=MODEL_SIZES, default="base")
@@ -235,7 +239,7 @@ def train_one_epoch(model, loader, loss_fn, text_features, optimizer, scheduler,
     else:
         loader.generator.manual_seed(args.seed * 1000 + epoch)
     generator = torch.Generator(device=device)
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    totals = torch.zeros(5, dtype=torch.float64, device=device)
     steps = 0
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"pretrain epoch {epoch + 1}/{args.epochs}", disable=not state["is_main"], dynamic_ncols=True)
@@ -259,12 +263,13 @@ def train_one_epoch(model, loader, loss_fn, text_features, optimizer, scheduler,
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        totals += torch.stack([parts[k].detach().double() for k in ("loss", "cons", "pos", "neg")])
+        spread = feature_spread(features).double()
+        totals += torch.stack([*(parts[k].detach().double() for k in ("loss", "cons", "pos", "neg")), spread])
         steps += 1
         if state["is_main"] and (it % 20 == 0 or it + 1 == len(loader)):
             bar.set_postfix(loss=f"{totals[0].item() / steps:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     means = (totals / max(1, steps)).tolist()
-    stats = dict(zip(("loss", "cons", "pos", "neg"), means))
+    stats = dict(zip(("loss", "cons", "pos", "neg", "spread"), means))
     return runtime.all_reduce_mean(stats, state["dist"])
 
 
@@ -284,7 +289,12 @@ def zero_shot_eval(encoder, eval_set, text_features, args, state):
 
 def format_epoch(record, epochs):
     text = (f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f} (cons {record['train_cons']:.4f}, "
-            f"pos {record['train_pos']:.4f}, neg {record['train_neg']:.4f})")
+            f"pos {record['train_pos']:.4f}, neg {record['train_neg']:.4f}), "
+            f"feature spread {record['feature_spread']:.4f}")
+    if "level_ranking_accuracy" in record:
+        ranking = record["level_ranking_accuracy"]
+        text += f", level ranking {ranking['overall']:.3f} (" + ", ".join(
+            f"{name} {value:.3f}" for name, value in ranking.items() if name != "overall") + ")"
     if "val" in record:
         text += f", zero-shot val SRCC {record['val']['srcc']:.4f} PLCC {record['val']['plcc']:.4f}"
     return text
@@ -343,8 +353,12 @@ def main(args):
     ).to(device)
     if args.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
+    # The level ranking depends on the split only (--split_seed), never on the training seed.
+    level_paths = (choose_images(heldout_paths, args.level_eval_images, args.split_seed)
+                   if args.level_eval_images else [])
     # Workers decode lazily, so a bad file would otherwise only show up mid-epoch.
-    verify_images(train_images, threads=decode_threads(dist_info.world_size), progress=dist_info.is_main)
+    verify_images(train_images + [(path, None) for path in level_paths], threads=decode_threads(dist_info.world_size),
+                  progress=dist_info.is_main)
     dataset = PretrainDataset([path for path, _ in train_images], args.crop_size, args.distortion_types,
                               args.num_levels, args.degrade_on, args.seed, resize=args.resize)
     if len(dataset) < args.batch_size * dist_info.world_size and dist_info.enabled:
@@ -395,10 +409,17 @@ def main(args):
         if bad is not None:
             raise UserError(f"weights became non-finite ({bad}) in epoch {epoch + 1}; stopped, "
                             f"{kept_checkpoint(epoch, args.save_dir)}; try a smaller --lr or --amp off")
-        record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()},
+        spread = stats.pop("spread")
+        record = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in stats.items()}, "feature_spread": spread,
                   "lr": {"encoder": optimizer.param_groups[0]["lr"]}, "time_s": time.time() - t0}
         if val_set is not None:
             val_pred, record["val"] = zero_shot_eval(encoder, val_set, text_device, args, state)
+        if level_paths:
+            record["level_ranking_accuracy"] = level_ranking_accuracy(
+                encoder, text_device, level_paths, args.distortion_types, crop_size=args.crop_size,
+                resize=args.resize, batch_size=max(8, args.batch_size * 4), device=device,
+                amp_dtype=state["amp_dtype"], channels_last=args.channels_last, seed=args.split_seed,
+                progress=dist_info.is_main)
         history.append(record)
         if dist_info.is_main:
             # Checkpoint first, then the log line; a resume rewrites the log from the checkpoint.
@@ -406,6 +427,9 @@ def main(args):
                                 epoch, args, history)
             runtime.append_jsonl(log_path, record)
             print(format_epoch(record, args.epochs), flush=True)
+            warning = collapse_warning(spread)
+            if warning:
+                print(warning, flush=True)
             if args.save_freq and (epoch + 1) % args.save_freq == 0 and epoch + 1 < args.epochs:
                 runtime.atomic_torch_save(ckpt(), encoder_pkl_path(args.save_dir, args, epoch + 1))
         runtime.barrier(dist_info)
@@ -423,6 +447,9 @@ def finish(encoder_ckpt, val_set, val_pred, history, args):
     runtime.atomic_torch_save(encoder_ckpt, pkl_path)
     results = {"model_size": args.model_size, "epochs": args.epochs, "encoder": pkl_path,
                "final_train": {k: v for k, v in history[-1].items() if k.startswith("train_")} if history else {}}
+    for key in ("feature_spread", "level_ranking_accuracy"):
+        if history and key in history[-1]:
+            results[key] = history[-1][key]
     if history:
         plot_training_curves(history, os.path.join(args.save_dir, "curves.png"),
                              title=f"Stage-1 QualiCLIP pretraining (Swin-{args.model_size})")
