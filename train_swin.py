@@ -282,11 +282,12 @@ def round_results(solver, round_dir, dist_info):
 
 
 def summarize(rounds):
-    """{block: {metric: {median, mean, std}}} over rounds, for val/test/test_last and each cross dataset
-    (every metric the blocks hold: cross-dataset blocks have no raw rmse)."""
+    """{block: {metric: {median, mean, std}}} over rounds (std: the sample standard deviation, ddof 1), for
+    val/test/test_last and each cross dataset (every metric the blocks hold: cross-dataset blocks have no raw
+    rmse)."""
     def stats(blocks):
         return {m: {"median": float(np.median([b[m] for b in blocks])), "mean": float(np.mean([b[m] for b in blocks])),
-                    "std": float(np.std([b[m] for b in blocks]))} for m in blocks[0] if m != "n"}
+                    "std": float(np.std([b[m] for b in blocks], ddof=1))} for m in blocks[0] if m != "n"}
 
     summary = {key: stats([r[key] for r in rounds]) for key in ("val", "test", "test_last")}
     summary["cross_dataset"] = {name: stats([r["cross_dataset"][name] for r in rounds])
@@ -396,9 +397,9 @@ def train(args, dist_info):
                 "protocol": protocol_record(args), "rounds": rounds, "summary": summary,
             })
             test = summary["test"]
-            print(f"test over {args.train_test_num} rounds (protocol {args.protocol}): SRCC median "
-                  f"{test['srcc']['median']:.4f} (mean {test['srcc']['mean']:.4f} ± {test['srcc']['std']:.4f}), PLCC median "
-                  f"{test['plcc']['median']:.4f} (mean {test['plcc']['mean']:.4f} ± {test['plcc']['std']:.4f})")
+            print(f"test over {args.train_test_num} rounds (protocol {args.protocol}): "
+                  + ", ".join(f"{m.upper()} median {test[m]['median']:.4f} (mean {test[m]['mean']:.4f} ± sample std "
+                              f"{test[m]['std']:.4f})" for m in ("srcc", "plcc")))
     if dist_info.is_main:
         print(f"run directory: {run_dir}")
     return rounds

@@ -190,7 +190,7 @@ def select_split(samples, split, dataset=None):
 
 
 def mos_bounds(samples):
-    """(lowest, highest) MOS of a dataset, for rescaling it to [0, 1]; pass the whole index."""
+    """(lowest, highest) MOS of ``samples``, for rescaling to [0, 1]; Stage 2 passes its training split only."""
     values = [s.mos for s in samples]
     if not values:
         raise ValueError("mos_bounds needs at least one sample")

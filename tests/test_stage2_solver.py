@@ -221,5 +221,5 @@ def test_rounds_write_per_round_results_and_summary(tmp_path):
     srcc = [r["test"]["srcc"] for r in results["rounds"]]
     assert results["summary"]["test"]["srcc"] == {
         "median": pytest.approx(np.median(srcc)), "mean": pytest.approx(np.mean(srcc)),
-        "std": pytest.approx(np.std(srcc)),
+        "std": pytest.approx(np.std(srcc, ddof=1)),
     }
