@@ -142,13 +142,14 @@ if [ "$DEMO" = 1 ]; then
   SPAQ_ROOT=$DEMO_DIR/spaq; KADID_ROOT=$DEMO_DIR/kadid-10k
   AGIQA_ROOT=$DEMO_DIR/agiqa-3k; LIVEC_ROOT=$DEMO_DIR/livec
   [ "$SET_SIZE" = 1 ] || MODEL_SIZE=nano
-  [ "$SET_EP_PRE" = 1 ] || EPOCHS_PRETRAIN=2
+  [ "$SET_EP_PRE" = 1 ] || EPOCHS_PRETRAIN=10
   [ "$SET_EP" = 1 ] || EPOCHS=6
   # No CLIP weights can be downloaded offline: the demo uses the CLIP cache when it has RN50,
   # otherwise fixed random anchors, written to a file and flagged in the summary.
   run_step text_anchors "$PY" "$REPO/tools/make_text_features.py" --out "$DEMO_DIR/text_features.pt" \
     --fallback_random 1024
-  PRETRAIN_FLAGS=(--batch_size 4 --lr 1e-4 --num_workers 0 --text_features "$DEMO_DIR/text_features.pt"
+  PRETRAIN_FLAGS=(--batch_size 4 --lr 3e-4 --warmup_epochs 1 --lambda_cons 0.1 --crop_size 96
+                  --distortion_types blur jpeg noise --num_workers 0 --text_features "$DEMO_DIR/text_features.pt"
                   --eval_patch_num 2)
   # A random-init nano learns from scratch: a far higher LR than ImageNet fine-tuning needs.
   FINETUNE_FLAGS+=(--batch_size 16 --train_patch_num 4 --test_patch_num 2 --num_workers 0 --lr 3e-4 --lr_ratio 3
