@@ -3,7 +3,7 @@
     python cross_dataset_test.py --checkpoint runs/train_swin_koniq-10k_base_*/best.pt \\
         --datasets spaq=/data/spaq kadid-10k=/data/kadid10k agiqa-3k=/data/AGIQA-3K
 
-Each checkpoint is rebuilt from the args stored in it (a ``train_swin.py`` best.pt/last.pt, or a
+Each checkpoint is loaded by ``iqa.scoring.load_scorer`` (a ``train_swin.py`` best.pt/last.pt, or a
 Stage-1 ``.pkl`` scored zero-shot) and every image of every dataset (all splits) is scored with
 the same evaluation code as training (``iqa.evaluation.evaluate``).  Output JSON:
 ``{checkpoint: {dataset: {srcc, plcc, plcc_logistic, krcc, rmse_logistic, n}}}``; works under
@@ -14,14 +14,12 @@ the checkpoint's own scores.
 import argparse
 import os
 
-from HyperIQASolver_swin import load_scorer
-from iqa.evaluation import EvalOptions, evaluate, make_eval_set, parse_dataset_specs
+from iqa.evaluation import evaluate, make_eval_set, parse_dataset_specs
 from iqa import plots
 from iqa.datasets import read_index
-from iqa.runtime import (
-    UserError, amp_dtype, atomic_write_json, broadcast_object, check_writable_path, cleanup_distributed,
-    init_distributed, run_cli, timestamp,
-)
+from iqa.distributed import broadcast_object, cleanup_distributed, init_distributed
+from iqa.runtime import UserError, amp_dtype, atomic_write_json, run_cli, timestamp
+from iqa.scoring import add_scoring_arguments, check_new_output, check_scoring_arguments, load_scorer
 
 
 def get_args_parser():
@@ -30,13 +28,9 @@ def get_args_parser():
                         help="train_swin.py best.pt / last.pt, or a Stage-1 .pkl (zero-shot)")
     parser.add_argument("--datasets", nargs="+", required=True, metavar="NAME=ROOT",
                         help="datasets to score whole, e.g. spaq=/data/spaq kadid-10k=/data/kadid10k")
-    parser.add_argument("--test_patch_num", type=int, default=None, help="crops per image (default: the checkpoint's)")
     parser.add_argument("--resize", type=int, default=None,
                         help="shorter side before cropping (default: the checkpoint's)")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=4)
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    add_scoring_arguments(parser)
     parser.add_argument("--output", default=None,
                         help="JSON path (default: cross_dataset_<timestamp>.json beside the first checkpoint)")
     return parser
@@ -56,29 +50,26 @@ def print_table(results, names):
 
 
 def run(args, dist_info):
-    if args.batch_size < 1 or (args.test_patch_num is not None and args.test_patch_num < 1):
-        raise UserError("--batch_size and --test_patch_num must be at least 1")
+    check_scoring_arguments(args)
     specs = parse_dataset_specs(args.datasets, "--datasets")
     output = broadcast_object(args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint[0])),
                                                           f"cross_dataset_{timestamp()}.json"), dist_info)
-    if os.path.exists(output):
-        raise UserError(f"--output '{output}' already exists; choose a new path")
-    check_writable_path(output, "--output")
+    check_new_output(output)
     samples = {name: read_index(name, root) for name, root in specs.items()}  # every annotation checked first
     amp = amp_dtype(args.amp, dist_info.device)
     eval_sets, results, plots_to_write = {}, {}, []
     for ckpt in args.checkpoint:
         scorer = load_scorer(ckpt, dist_info.device)
-        resize = scorer.resize if args.resize is None else args.resize
-        if resize and resize < scorer.patch_size:
-            raise UserError(f"--resize {resize} is smaller than the checkpoint's patch size {scorer.patch_size}")
-        opts = EvalOptions(args.test_patch_num or scorer.test_patch_num, scorer.patch_size, args.batch_size, amp,
-                           num_workers=args.num_workers)
+        scorer.resize = scorer.resize if args.resize is None else args.resize
+        scorer.test_patch_num = args.test_patch_num or scorer.test_patch_num
+        if scorer.resize and scorer.resize < scorer.patch_size:
+            raise UserError(f"--resize {scorer.resize} is smaller than the checkpoint's patch size {scorer.patch_size}")
+        opts = scorer.options(args.batch_size, amp, args.num_workers)
         results[ckpt] = {}
         for name in specs:
-            key = (name, resize, scorer.patch_size)
+            key = (name, scorer.resize, scorer.patch_size)
             if key not in eval_sets:  # decoded once, shared by checkpoints with the same settings
-                eval_sets[key] = make_eval_set(name, samples[name], resize, scorer.patch_size, dist_info)
+                eval_sets[key] = make_eval_set(name, samples[name], scorer.resize, scorer.patch_size, dist_info)
             metrics, pred = evaluate(scorer.score, eval_sets[key], dist_info, opts)
             results[ckpt][name] = metrics
             plots_to_write.append((ckpt, name, pred))

@@ -41,6 +41,7 @@ from iqa.runtime import UserError
 __all__ = [
     "DATASET_NAMES", "SPLITS", "DEFAULT_SPLIT_SEED", "PROTOCOLS", "HYPERIQA_RESIZE", "Sample", "read_index",
     "select_split", "hyperiqa_split", "split_source", "label_column", "load_rgb", "mos_bounds", "normalize_mos",
+    "IMAGE_EXTENSIONS", "list_image_files",
 ]
 
 DATASET_NAMES = ("koniq-10k", "spaq", "kadid-10k", "agiqa-3k", "livec", "csv")
@@ -232,6 +233,24 @@ def load_rgb(path, origin=None, *, reduced=False):
         raise UserError(
             f"cannot decode image '{path}'{where}: {reason[:160]}; replace the file or remove its row"
         ) from None
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # any case
+
+
+def list_image_files(folder, flag):
+    """The image files under ``folder`` (recursive), as paths relative to it, sorted; a one-line
+    ``UserError`` naming ``flag`` when ``folder`` is missing, not a folder, or holds no images."""
+    if not os.path.isdir(folder):
+        problem = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise UserError(f"{flag} '{folder}' {problem}; pass a folder of images")
+    names = sorted(
+        os.path.relpath(os.path.join(parent, name), folder)
+        for parent, _, names in os.walk(folder) for name in names if name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+    if not names:
+        raise UserError(f"{flag} '{folder}' holds no images ({', '.join(IMAGE_EXTENSIONS)}); check the path")
+    return names
 
 
 # ----------------------------------------------------------------------------- image modes

@@ -29,6 +29,7 @@ HYPER_GRID = 7
 # Per stage: 1x1-conv width (None = pool the stage directly), pooled grid, output dims.
 # With a 224 input the grids equal HyperIQA's AvgPool2d(7, stride=7) on 56/28/14/7 maps.
 LDA_CONFIG = ((16, 8, 16), (32, 4, 16), (64, 2, 16), (None, 1, 176))
+CHECKPOINT_FORMAT = "swin-hyperiqa/1"  # the ``format`` of a train_swin.py best.pt / last.pt
 
 
 class LDABranch(nn.Module):
@@ -129,6 +130,21 @@ class HyperIQASwin(nn.Module):
         self.dropout = nn.Dropout(dropout_rate)
         self.hyper_net = HyperNetwork()
 
+    @classmethod
+    def from_checkpoint(cls, ckpt, source):
+        """The Swin-HyperIQA of a ``train_swin.py`` checkpoint dict, built from the args stored in it."""
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            found = ckpt.get("format", "no 'format' key") if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise UserError(f"'{source}' is not a train_swin.py checkpoint (format {found!r}, expected "
+                            f"{CHECKPOINT_FORMAT!r}); pass a best.pt or last.pt from a train_swin.py run")
+        model = build_model(ckpt["args"], load_backbone=False)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as err:
+            raise UserError(f"'{source}' does not fit the Swin-{ckpt['args']['model_size']} HyperIQA its own args "
+                            f"describe ({str(err).splitlines()[0][:160]}); the checkpoint is corrupt") from None
+        return model
+
     def fusion_weights(self, stages):
         """(N, 4) softmax weights over the stages (attention fusion only)."""
         return self.stage_attention(stages[-1])
@@ -177,3 +193,17 @@ class HyperIQASwin(nn.Module):
             f"--pretrained_encoder '{path}' is not a Stage-1 checkpoint or Swin state dict; pass the .pkl "
             f"written by pretrain_qualiclip.py (format {ENCODER_FORMAT!r}) or a timm Swin state dict"
         )
+
+
+def build_model(args, load_backbone=True):
+    """Swin-HyperIQA from a train_swin args dict; ``load_backbone=False`` skips ImageNet/file weights
+    (for a model whose weights come from a checkpoint next)."""
+    return HyperIQASwin(
+        args["model_size"],
+        use_multiscale=args["use_multiscale"],
+        attention_fusion=args["attention_fusion"],
+        imagenet_pretrained=load_backbone and args["imagenet_pretrained"],
+        backbone_weights=args["backbone_weights"] if load_backbone else None,
+        drop_path_rate=args["drop_path_rate"],
+        dropout_rate=args["dropout_rate"],
+    )

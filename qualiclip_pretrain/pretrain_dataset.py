@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from iqa.datasets import load_rgb
+from iqa.datasets import list_image_files, load_rgb
 from iqa.patches import resized_size
 from iqa.runtime import UserError
 from qualiclip_pretrain.degradation_generator import (
@@ -26,22 +26,10 @@ from qualiclip_pretrain.degradation_generator import (
     select_levels,
 )
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-
 
 def list_image_dir(image_dir):
     """All image files under ``image_dir`` (recursive, sorted)."""
-    if not os.path.isdir(image_dir):
-        raise UserError(f"--image_dir '{image_dir}' is not a directory; pass a folder of clean images")
-    paths = sorted(
-        os.path.join(dirpath, name)
-        for dirpath, _, names in os.walk(image_dir)
-        for name in names
-        if name.lower().endswith(IMAGE_EXTENSIONS)
-    )
-    if not paths:
-        raise UserError(f"--image_dir '{image_dir}' holds no images ({', '.join(IMAGE_EXTENSIONS)}); check the path")
-    return paths
+    return [os.path.join(image_dir, name) for name in list_image_files(image_dir, "--image_dir")]
 
 
 def overlapping_offsets(rng, size, crop):

@@ -1,0 +1,24 @@
+"""torch.hub entry points: this repository's checkpoints as image scorers (``iqa.scoring.Scorer``).
+
+    scorer = torch.hub.load("path/to/this/repo", "hyperiqa_swin", checkpoint="runs/x/best.pt", source="local")
+    scores = scorer(images)        # (N, 3, H, W) RGB in [0, 1], or a list of (3, H, W) -> (N,) scores in [0, 1]
+    mos = scorer.to_mos(scores)    # on the training dataset's MOS scale
+
+Each entry point loads a local file (nothing is downloaded) and refuses a file of the other kind.
+"""
+from iqa.scoring import load_scorer
+
+dependencies = ["torch", "timm", "open_clip"]
+
+
+def hyperiqa_swin(checkpoint, device="cpu"):
+    """Swin-HyperIQA of a ``train_swin.py`` best.pt / last.pt -> ``Scorer``: ``scorer(images)`` gives the
+    model's score in [0, 1] (the training MOS range rescaled), ``scorer.to_mos`` maps it back to MOS,
+    ``scorer.score_paths(files)`` scores image files."""
+    return load_scorer(checkpoint, device, kind="hyperiqa_swin")
+
+
+def qualiclip_swin_encoder(checkpoint, device="cpu"):
+    """Stage-1 QualiCLIP-style Swin encoder of a ``pretrain_qualiclip.py`` .pkl -> ``Scorer`` giving the
+    zero-shot score in [0, 1] (probability of the positive prompt); no MOS scale."""
+    return load_scorer(checkpoint, device, kind="qualiclip_swin_encoder")
