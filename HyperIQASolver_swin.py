@@ -9,25 +9,22 @@ only (val/test MOS never leak into the targets), under either ``--protocol``:
 * model selection on the **validation** split (best SRCC, early stopping with ``--patience``);
   the test split is evaluated once training ends, with the selected weights (``test``) and the
   last ones (``test_last``), so it can never influence the choice;
-* ``last.pt`` every epoch and ``best.pt`` at each improvement hold everything ``--resume``
-  needs: model, optimizer, scheduler, scaler, epoch, args (dict), rng (``runtime.rng_state()``
-  of every rank, a list), best ({epoch, val}), history (the ``log.jsonl`` records), plus
-  mos_bounds and format.  The crops of an epoch depend only on (seed, epoch), so a resumed
-  run continues exactly where an uninterrupted one would be;
+* ``last.pt`` every epoch and ``best.pt`` at each improvement: the training state both stages
+  share (``iqa.training_run``) plus ``best`` ({epoch, val}) and ``mos_bounds``.  The crops of an
+  epoch depend only on (seed, epoch), so a resumed run continues exactly where an uninterrupted
+  one would be;
 * DDP under torchrun (rank 0 writes), AMP, channels-last, ``torch.compile``, gradient
-  accumulation; the loss is only read back from the device every ``--log_every`` steps.
+  accumulation; the loss is only read back from the device every ``--log_every`` steps;
+  ``--tensorboard`` scalars under the run (round) directory.
 
-``load_scorer`` turns a checkpoint of either stage into a scorer for ``iqa.evaluation`` (shared
-with ``cross_dataset_test.py`` and ``predict.py``).  Val/test predictions are reported on the
-training MOS scale (a score p becomes lo + p·(hi − lo) with the training split's range, so they
-may fall slightly outside the val/test MOS range) with the raw ``rmse`` in MOS units;
-cross-dataset sets report ``rmse_logistic`` only (see ``iqa.evaluation``).
+Val/test predictions are reported on the training MOS scale (a score p becomes lo + p·(hi − lo)
+with the training split's range, so they may fall slightly outside the val/test MOS range) with
+the raw ``rmse`` in MOS units; cross-dataset sets report ``rmse_logistic`` only (see
+``iqa.evaluation``).  Scoring images with a saved checkpoint is ``iqa.scoring``'s job.
 """
 import contextlib
 import os
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -38,17 +35,20 @@ from tqdm import tqdm
 
 from iqa import plots
 from iqa.datasets import label_column, mos_bounds, normalize_mos, split_source
-from iqa.evaluation import EvalOptions, evaluate, make_eval_set, make_loader, save_eval_outputs
-from iqa.patches import DEFAULT_RESIZE, TrainPatchDataset, cache_images, decode_threads
+from iqa.evaluation import EvalOptions, evaluate, make_eval_set, save_eval_outputs
+from iqa.patches import TrainPatchDataset, cache_images, decode_threads, make_loader, to_model_input
 from iqa.runtime import (
-    UserError, all_reduce_mean, amp_dtype, append_jsonl, atomic_torch_save, atomic_write_json, autocast, barrier,
-    cosine_schedule, first_nonfinite_parameter, make_adamw, make_grad_scaler, rng_state, safe_load, seed_everything,
-    set_rng_state, to_model_input, write_jsonl,
+    UserError, amp_dtype, append_jsonl, atomic_write_json, autocast, cosine_schedule, make_adamw, make_grad_scaler,
+    safe_load, seed_everything, write_jsonl,
 )
-from models.hyperiqa_swin import HyperIQASwin
-from models.quality_encoder import ENCODER_FORMAT, QualityEncoder
+from iqa.training_run import (
+    LossMonitor, ScalarLog, check_finite_weights, read_training_state, restore_training_state, save_training_state,
+    training_state,
+)
+from iqa.training_run import NonFiniteError as NonFiniteLossError  # noqa: F401  (the name callers know)
+from iqa.scoring import other_dataset_resize  # noqa: F401  (train_swin.py imports it from here)
+from models.hyperiqa_swin import CHECKPOINT_FORMAT, build_model
 
-CHECKPOINT_FORMAT = "swin-hyperiqa/1"
 PATCH_SIZE = 224          # the Swin backbones take 224×224 inputs
 DEFAULT_TEST_PATCH_NUM = 10
 FINAL_LR_RATIO = 0.01     # cosine ends at 1% of each group's LR
@@ -61,78 +61,10 @@ LOSSES = {
     "smooth_l1": lambda pred, target: F.smooth_l1_loss(pred, target, beta=0.1),
 }
 SCHEDULERS = ("cosine", "constant", "step")
+NON_FINITE_ADVICE = "a smaller --lr / --lr_ratio or --amp bf16/off"
 
 
-class NonFiniteLossError(UserError):
-    """The training loss became NaN/inf; the last good checkpoint is kept."""
-
-
-# ----------------------------------------------------------------------------- model
-
-def build_model(args, load_backbone=True):
-    """Swin-HyperIQA from a train_swin args dict; ``load_backbone=False`` skips ImageNet/file weights
-    (for a model whose weights come from a checkpoint next)."""
-    return HyperIQASwin(
-        args["model_size"],
-        use_multiscale=args["use_multiscale"],
-        attention_fusion=args["attention_fusion"],
-        imagenet_pretrained=load_backbone and args["imagenet_pretrained"],
-        backbone_weights=args["backbone_weights"] if load_backbone else None,
-        drop_path_rate=args["drop_path_rate"],
-        dropout_rate=args["dropout_rate"],
-    )
-
-
-def model_from_checkpoint(ckpt, source):
-    """The Swin-HyperIQA of a ``train_swin.py`` checkpoint dict, built from the args stored in it."""
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        found = ckpt.get("format", "no 'format' key") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"'{source}' is not a train_swin.py checkpoint (format {found!r}, expected "
-                        f"{CHECKPOINT_FORMAT!r}); pass a best.pt or last.pt from a train_swin.py run")
-    model = build_model(ckpt["args"], load_backbone=False)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        raise UserError(f"'{source}' does not fit the Swin-{ckpt['args']['model_size']} HyperIQA its own args "
-                        f"describe ({str(err).splitlines()[0][:160]}); the checkpoint is corrupt") from None
-    return model
-
-
-@dataclass
-class Scorer:
-    """Anything that maps a normalised N×3×224×224 batch to N quality scores, with its eval settings."""
-    score: Callable
-    kind: str                 # "stage2" (Swin-HyperIQA) or "stage1" (zero-shot QualityEncoder)
-    resize: int
-    patch_size: int
-    test_patch_num: int
-    mos_bounds: Optional[tuple] = None
-
-
-def other_dataset_resize(resize):
-    """The resize a model trained at ``resize`` scores other datasets' images at: a fixed
-    [width, height] belongs to the dataset it was set for (``--protocol hyperiqa``'s KonIQ-10k size),
-    so other images keep their aspect at the default shorter side."""
-    return DEFAULT_RESIZE if isinstance(resize, (list, tuple)) else resize
-
-
-def load_scorer(path, device):
-    """A ``train_swin.py`` checkpoint (.pt) or a Stage-1 encoder (.pkl) as a ``Scorer`` on ``device``."""
-    ckpt = safe_load(path)
-    if isinstance(ckpt, dict) and ckpt.get("format") == ENCODER_FORMAT:
-        encoder, text_features = QualityEncoder.from_checkpoint(ckpt, path)
-        encoder.to(device).eval()
-        text_features = text_features.to(device)
-        # Scored as Stage 1 validated it: its resize, crop size and number of grid crops.
-        args = ckpt.get("args", {})
-        resize = args.get("eval_resize", args.get("resize", DEFAULT_RESIZE))
-        return Scorer(lambda x: encoder.score(x, text_features), "stage1", resize, args.get("crop_size", PATCH_SIZE),
-                      args.get("eval_patch_num", DEFAULT_TEST_PATCH_NUM))
-    model = model_from_checkpoint(ckpt, path).to(device).eval()
-    args = ckpt["args"]
-    return Scorer(model, "stage2", other_dataset_resize(args["resize"]), args["patch_size"], args["test_patch_num"],
-                  tuple(ckpt["mos_bounds"]))
-
+# ----------------------------------------------------------------------------- optimisation
 
 def param_groups(model, args):
     """Encoder at ``--lr`` (``--lr_encoder_pretrained`` with ``--pretrained_encoder`` or ``--match_pretrained_lr``);
@@ -227,7 +159,8 @@ class HyperIQASolver:
         self.train_set = TrainPatchDataset(images, targets, args.train_patch_num, args.patch_size, args.seed)
         self.sampler = DistributedSampler(self.train_set, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                           shuffle=True, seed=args.seed)
-        self.train_loader = make_loader(self.train_set, args.batch_size, args.num_workers, self.device, self.sampler)
+        self.train_loader = make_loader(self.train_set, args.batch_size, args.num_workers, self.device,
+                                        sampler=self.sampler)
         self.val_set = make_eval_set("val", val_samples, args.resize, args.patch_size, dist_info,
                                      bounds=self.bounds, on_device=on_device)
         self.test_set = make_eval_set("test", test_samples, args.resize, args.patch_size, dist_info,
@@ -239,6 +172,7 @@ class HyperIQASolver:
         self.scheduler = make_scheduler(self.optimizer, args.lr_scheduler, args.epochs * self.steps_per_epoch,
                                         self.steps_per_epoch, args.lr_step_epochs)
         self.epoch, self.best, self.history = 0, None, []
+        self.scalar_log = ScalarLog(run_dir, args.tensorboard and dist_info.is_main)
         # Construction writes nothing (the caller creates the run directory once it succeeded);
         # a fresh run writes its split when training starts.
         self.split_samples = None if resume_from is not None else [*train_samples, *val_samples, *test_samples]
@@ -260,70 +194,35 @@ class HyperIQASolver:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint(self):
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "args": dict(vars(self.args)),
-            "mos_bounds": list(self.bounds),
-            "rng": self.gather_rng(),
-            "best": self.best,
-            "history": self.history,
-        }
-
-    def gather_rng(self):
-        """RNG state of every rank (index = rank), so a resumed DDP run keeps per-rank streams."""
-        if not self.dist.enabled:
-            return [rng_state()]
-        states = [None] * self.dist.world_size
-        torch.distributed.all_gather_object(states, rng_state())
-        return states
+        """The training state after ``self.epoch`` (collective: every rank calls it)."""
+        return training_state(CHECKPOINT_FORMAT, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                              scaler=self.scaler, epoch=self.epoch, args=self.args, history=self.history,
+                              dist_info=self.dist, mos_bounds=list(self.bounds), best=self.best)
 
     def load_checkpoint(self, path):
-        ckpt = safe_load(path)
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise UserError(f"--resume '{path}' is not a train_swin.py checkpoint; pass a run directory or its last.pt")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["scaler"]:  # empty when saved by a disabled (non-fp16) scaler
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch, self.best, self.history = ckpt["epoch"], ckpt["best"], ckpt["history"]
-        set_rng_state(ckpt["rng"][self.dist.rank % len(ckpt["rng"])])
+        state = read_training_state(path, CHECKPOINT_FORMAT, "train_swin.py")
+        note = restore_training_state(state, self.dist, model=self.model, optimizer=self.optimizer,
+                                      scheduler=self.scheduler, scaler=self.scaler)
+        self.epoch, self.best, self.history = state["epoch"], state["best"], state["history"]
         self.log(f"resumed from {path} after epoch {self.epoch}")
+        if note:
+            self.log(note)
 
     def save_checkpoints(self, is_best):
-        state = self.checkpoint()
-        if self.dist.is_main:
-            atomic_torch_save(state, self.path("last.pt"))
-            if is_best:  # a kill before this line is repaired on resume (see ``train``)
-                atomic_torch_save(state, self.path("best.pt"))
-        barrier(self.dist)
+        # A kill between the two writes is repaired on resume (see ``train``).
+        paths = [self.path("last.pt"), *([self.path("best.pt")] if is_best else [])]
+        save_training_state(self.checkpoint(), paths, self.dist)
 
     # ------------------------------------------------------------------ training
 
-    def kept(self):
-        """The checkpoint a run stopped now leaves to --resume from (``self.epoch`` = last saved epoch)."""
-        return f"last.pt (epoch {self.epoch})" if self.epoch else "no checkpoint (first epoch)"
-
-    def check_finite(self, loss, epoch, step):
-        loss = all_reduce_mean({"loss": loss}, self.dist)["loss"]
-        if not np.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss became {loss} at epoch {epoch} step {step}; stopped, keeping {self.kept()} in "
-                f"{self.run_dir}; lower --lr / --lr_ratio or use --amp bf16/off, then --resume or restart"
-            )
-        return loss
-
     def train_one_epoch(self, epoch):
+        """Train epoch ``epoch`` (1-based) -> its mean loss over ranks."""
         args = self.args
         self.train_set.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
         self.net.train()
-        total = torch.zeros((), device=self.device)
+        monitor = LossMonitor(("loss",), self.device, self.dist, args.log_every, epoch=epoch, run_dir=self.run_dir,
+                              advice=NON_FINITE_ADVICE)
         n_batches = len(self.train_loader)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{args.epochs}", disable=not self.dist.is_main,
                    leave=False)
@@ -342,16 +241,17 @@ class HyperIQASolver:
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
-            total += loss.detach()
-            if step % args.log_every == 0:
-                bar.set_postfix(loss=f"{self.check_finite(total.item() / step, epoch, step):.4f}")
-        loss = self.check_finite(total.item() / n_batches, epoch, n_batches)
-        # The epoch's last update can blow the weights up before any loss shows it.
-        bad = first_nonfinite_parameter(self.model)
-        if bad is not None:
-            raise NonFiniteLossError(f"weights became non-finite ({bad}) in epoch {epoch}; stopped, keeping "
-                                     f"{self.kept()} in {self.run_dir}; lower --lr / --lr_ratio or use --amp bf16/off")
+            running = monitor.add(loss)
+            if running is not None:
+                bar.set_postfix(loss=f"{running['loss']:.4f}")
+                self.scalar_log.add({"loss": running["loss"], "lr": self.learning_rates()},
+                                    (epoch - 1) * n_batches + step, prefix="step/")
+        loss = monitor.read()["loss"]
+        check_finite_weights(self.model, epoch, self.run_dir, NON_FINITE_ADVICE)
         return loss
+
+    def learning_rates(self):
+        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
 
     def should_stop(self):
         if self.args.no_early_stopping or self.best is None:
@@ -377,7 +277,7 @@ class HyperIQASolver:
                 self.best = {"epoch": epoch, "val": val}
             record = {
                 "epoch": epoch, "train_loss": train_loss,
-                "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
+                "lr": self.learning_rates(),
                 "val": val, "is_best": is_best, "epoch_time_s": round(time.time() - start, 3),
             }
             self.epoch = epoch
@@ -385,9 +285,11 @@ class HyperIQASolver:
             self.save_checkpoints(is_best)
             if self.dist.is_main:
                 append_jsonl(self.path("log.jsonl"), record)
+                self.scalar_log.add_record(record)
                 plots.plot_training_curves(self.history, self.path("curves.png"), title=self.title())
             self.log(f"epoch {epoch}: loss {train_loss:.4f}  val SRCC {val['srcc']:.4f} PLCC {val['plcc']:.4f}"
                      f"{'  (best)' if is_best else ''}  {record['epoch_time_s']:.1f}s")
+        self.scalar_log.close()
         if self.should_stop():
             self.log(f"early stop: no val SRCC gain for {self.args.patience} epochs (best epoch {self.best['epoch']})")
         return self.finish()

@@ -18,24 +18,25 @@ predictions CSVs and PNG plots; ``--resume RUN_DIR`` continues a killed run.
 import argparse
 import json
 import os
-import re
 
 import numpy as np
 
 from HyperIQASolver_swin import (
     DEFAULT_TEST_PATCH_NUM, LOSSES, PATCH_SIZE, SCHEDULERS, HyperIQASolver, other_dataset_resize, protocol_record,
 )
-from iqa.evaluation import make_eval_set, parse_dataset_specs
 from iqa.datasets import DATASET_NAMES, DEFAULT_SPLIT_SEED, HYPERIQA_RESIZE, PROTOCOLS, read_index, select_split
+from iqa.distributed import barrier, broadcast_object, cleanup_distributed, init_distributed
+from iqa.evaluation import make_eval_set, parse_dataset_specs
 from iqa.patches import DEFAULT_RESIZE
-from models.quality_encoder import ENCODER_FORMAT
 from iqa.runtime import (
-    RESUME_OVERRIDABLE, UserError, atomic_write_json, barrier, broadcast_object, check_output_dir,
-    cleanup_distributed, init_distributed, prepare_output_dir, restore_args, run_cli, safe_load, save_args, timestamp,
+    UserError, atomic_write_json, check_output_dir, prepare_output_dir, run_cli, safe_load, save_args, timestamp,
 )
+from iqa.training_run import resolve_resume, tensorboard_writer_class
+from models.hyperiqa_swin import CHECKPOINT_FORMAT
+from models.quality_encoder import ENCODER_FORMAT
 from models.swin_backbone import MODEL_SIZES
 
-ROUND_DIR = re.compile(r"round_\d+")
+ROUND_DIR = r"round_\d+"
 # Defaults that depend on --protocol (a flag given on the command line always wins).  hyperiqa:
 # the defaults of HyperIQA's train_test_IQA.py; its lr / batch size / optimizer were tuned for
 # ResNet-50 and are not taken over (ours: see the README's Protocols section).
@@ -82,7 +83,9 @@ def get_args_parser():
     data.add_argument("--resize", type=parse_resize, default=None,
                       help="shorter image side before cropping, aspect kept (0 = native size), or a fixed WIDTHxHEIGHT "
                            f"(default {DEFAULT_RESIZE}; hyperiqa: HyperIQA's per dataset, e.g. 384x512 for KonIQ-10k)")
-    data.add_argument("--patch_size", type=int, default=PATCH_SIZE)
+    data.add_argument("--patch_size", type=int, default=PATCH_SIZE, choices=(PATCH_SIZE,),
+                      help=f"crop side; the Swin-HyperIQA head is built for {PATCH_SIZE}x{PATCH_SIZE} inputs, so "
+                           f"{PATCH_SIZE} is the only value (set the image scale with --resize)")
     data.add_argument("--train_patch_num", type=int, default=None,
                       help="random crops per training image per epoch (default 5, hyperiqa 25; a 224 crop covers "
                            "~1/4 of a 512x384 image)")
@@ -148,6 +151,9 @@ def get_args_parser():
     run.add_argument("--compile", action="store_true", help="torch.compile the training model")
     run.add_argument("--deterministic", action="store_true", help="deterministic algorithms (reproducible on CPU)")
     run.add_argument("--log_every", type=int, default=50, help="steps between loss read-backs / NaN checks")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also write TensorBoard scalars to <output_dir>/tensorboard/ (each round's own with "
+                          "--train_test_num)")
     return parser
 
 
@@ -175,9 +181,6 @@ def check_args(args):
     for flag in ("weight_decay", "drop_path_rate", "dropout_rate", "num_workers"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must not be negative (got {getattr(args, flag)})")
-    if args.patch_size != PATCH_SIZE:
-        raise UserError(f"--patch_size {args.patch_size}: the Swin backbones take {PATCH_SIZE}x{PATCH_SIZE} inputs; "
-                        f"use --patch_size {PATCH_SIZE} and set the image scale with --resize")
     if isinstance(args.resize, list):
         if min(args.resize) < args.patch_size:
             raise UserError(f"--resize {args.resize[0]}x{args.resize[1]} is smaller than --patch_size "
@@ -193,6 +196,8 @@ def check_args(args):
         args.data_root = "./koniq-10k"
     args.pretrained_encoder = resolve_pretrained_encoder(args.pretrained_encoder)
     parse_dataset_specs(args.cross_datasets, "--cross_datasets")
+    if args.tensorboard:
+        tensorboard_writer_class()
 
 
 def resolve_pretrained_encoder(paths):
@@ -210,45 +215,9 @@ def resolve_pretrained_encoder(paths):
     return newest
 
 
-def locate_resume(path):
-    """``--resume`` -> (run directory, explicit checkpoint file or None)."""
-    if os.path.isfile(path):
-        run_dir, ckpt = os.path.dirname(os.path.abspath(path)), path
-    elif os.path.isdir(path):
-        run_dir, ckpt = os.path.abspath(path), None
-    else:
-        raise UserError(f"--resume '{path}' does not exist; pass a train_swin.py run directory or its last.pt")
-    parent = os.path.dirname(run_dir)
-    if ROUND_DIR.fullmatch(os.path.basename(run_dir)) and os.path.isfile(os.path.join(parent, "args.json")):
-        run_dir = parent
-    if not os.path.isfile(os.path.join(run_dir, "args.json")):
-        raise UserError(f"--resume '{path}': no args.json in {run_dir}; it is not a train_swin.py run directory")
-    return run_dir, ckpt
-
-
-def resumed_args(args):
-    """The run's stored args; only ``runtime.RESUME_OVERRIDABLE`` flags come from this command line."""
-    run_dir, ckpt = locate_resume(args.resume)
-    args_path = os.path.join(run_dir, "args.json")
-    try:
-        with open(args_path) as f:
-            stored = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"--resume '{args.resume}': cannot read {args_path} ({err}); pass a train_swin.py run "
-                        f"directory") from None
-    defaults = vars(get_args_parser().parse_args([]))
-    if isinstance(stored, dict) and "split_seed" not in stored:
-        stored["split_seed"] = stored.get("seed", DEFAULT_SPLIT_SEED)  # runs from before --split_seed split by --seed
-    # Settings this script does not know mean another script's run (e.g. a Stage-1 directory).
-    foreign = sorted(set(stored) - set(defaults)) if isinstance(stored, dict) else ["<not a JSON object>"]
-    if foreign:
-        raise UserError(f"--resume '{args.resume}': {args_path} was not written by train_swin.py (unknown "
-                        f"settings: {', '.join(foreign[:5])}); pass a train_swin.py run directory")
-    ignored = [k for k, v in vars(args).items()
-               if k not in RESUME_OVERRIDABLE and v != defaults.get(k) and v != stored.get(k)]
-    if ignored:
-        print(f"note: resuming keeps the run's own settings; ignoring --{', --'.join(ignored)}")
-    return restore_args(args, stored), run_dir, ckpt
+def split_seed_of_old_runs(stored):
+    """Runs from before --split_seed split by --seed."""
+    return {"split_seed": stored.get("seed", DEFAULT_SPLIT_SEED), **stored}
 
 
 # ----------------------------------------------------------------------------- rounds
@@ -352,7 +321,9 @@ def check_pretrain_overlap(args, round_splits):
 
 def train(args, dist_info):
     if args.resume:
-        args, run_dir, explicit_ckpt = resumed_args(args)
+        resume = resolve_resume(args, get_args_parser(), "train_swin.py", CHECKPOINT_FORMAT, subrun=ROUND_DIR,
+                                upgrade=split_seed_of_old_runs)
+        args, run_dir, explicit_ckpt = resume.args, resume.run_dir, resume.checkpoint
     else:
         check_args(args)
         default_dir = os.path.join("runs", f"train_swin_{args.dataset}_{args.model_size}_{timestamp()}")

@@ -11,7 +11,7 @@ JPEG files on disk to normalised batches on the device:
 * ``stage1_degradation``: degraded crops/s. Baseline = the original per-crop path in the workers
   (tensor -> normalise -> PIL -> degrade each level -> tensor -> normalise). Ours = the training
   path: workers decode, crop and JPEG-encode; blur/noise/brightness run batched on the device,
-  normalisation after (``pretrain_qualiclip.prepare_batch``).
+  normalisation after (``qualiclip_pretrain.engine.prepare_batch``).
 * ``stage2_sampling``: training patches/s. Baseline = decode + resize the file for every patch.
   Ours = slices of the decoded-once uint8 cache (the one-off decode time is reported too, and
   ``ours_including_decode_per_s`` counts it against one epoch).
@@ -37,10 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from iqa import runtime  # noqa: E402
 from iqa.datasets import Sample  # noqa: E402
-from iqa.patches import TrainPatchDataset, cache_images  # noqa: E402
+from iqa.patches import IMAGENET_MEAN, IMAGENET_STD, TrainPatchDataset, cache_images, to_model_input  # noqa: E402
 from models.hyperiqa_swin import HyperIQASwin  # noqa: E402
 from models.quality_encoder import QualityEncoder  # noqa: E402
-from pretrain_qualiclip import prepare_batch  # noqa: E402
+from qualiclip_pretrain.engine import prepare_batch  # noqa: E402
 from qualiclip_pretrain.degradation_generator import (  # noqa: E402
     DISTORTION_TYPES,
     SyntheticDegradation,
@@ -89,7 +89,7 @@ def write_photos(workdir, count):
 
 
 def normalised(image):
-    return TF.normalize(TF.to_tensor(image), runtime.IMAGENET_MEAN, runtime.IMAGENET_STD)
+    return TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
 
 
 class NaivePretrainDataset(Dataset):
@@ -169,7 +169,7 @@ def bench_stage2_sampling(device, paths, workers, batch_size, patches_per_image)
     sink = []
 
     def step(batch):
-        sink.append(runtime.to_model_input(batch[0], device).sum() if batch[0].dtype == torch.uint8
+        sink.append(to_model_input(batch[0], device).sum() if batch[0].dtype == torch.uint8
                     else batch[0].to(device, non_blocking=True).sum())
 
     count = len(paths) * patches_per_image
@@ -225,7 +225,7 @@ def stage1_step_fn(device, batch_size):
     levels = torch.arange(LEVELS, device=device).repeat(batch_size * 2)
 
     def step(model, amp, channels_last):
-        x = runtime.to_model_input(degrade_batch(crops, types, levels), device, channels_last)
+        x = to_model_input(degrade_batch(crops, types, levels), device, channels_last)
         with runtime.autocast(device, amp):
             features = model(x)
         return loss_fn(features.float().view(batch_size, 2, LEVELS, -1), text)["loss"], crops.shape[0]
@@ -238,7 +238,7 @@ def stage2_step_fn(device, batch_size):
     targets = torch.rand(batch_size, device=device)
 
     def step(model, amp, channels_last):
-        x = runtime.to_model_input(patches, device, channels_last)
+        x = to_model_input(patches, device, channels_last)
         with runtime.autocast(device, amp):
             pred = model(x)
         return torch.nn.functional.l1_loss(pred.float(), targets), batch_size

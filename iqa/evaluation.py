@@ -20,22 +20,19 @@ SRCC/PLCC/PLCC-logistic/KRCC do not depend on the scale.  A NaN/inf prediction i
 """
 import csv
 import io
-import multiprocessing
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from iqa import plots
 from iqa.datasets import DATASET_NAMES
 from iqa.metrics import all_metrics
-from iqa.patches import EvalPatchDataset, cache_images, decode_threads
-from iqa.runtime import UserError, all_gather_cat, atomic_write_text, autocast, to_model_input
-
-_FORK = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+from iqa.distributed import all_gather_cat
+from iqa.patches import EvalPatchDataset, cache_images, decode_threads, make_loader, to_model_input
+from iqa.runtime import UserError, atomic_write_text, autocast
 
 
 def parse_dataset_specs(specs, flag):
@@ -90,15 +87,6 @@ def make_eval_set(name, samples, resize, patch_size, dist_info, *, bounds=None, 
     return EvalSet(name, list(samples), None if bounds is None else tuple(bounds), indices, images)
 
 
-def make_loader(dataset, batch_size, num_workers, device, sampler=None):
-    """DataLoader over uint8 patches; in-process when the images already live on the device."""
-    on_device = bool(dataset.images) and dataset.images[0].device.type != "cpu"
-    workers = 0 if on_device else num_workers
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda" and not on_device, drop_last=False,
-                      multiprocessing_context=_FORK if workers else None)
-
-
 def predict_images(score_fn, images, device, opts, progress=True, desc="eval"):
     """Mean score over ``opts.patch_num`` crops of each image -> (len(images),) float64 CPU tensor."""
     dataset = EvalPatchDataset(images, opts.patch_num, opts.patch_size, opts.random_crop, opts.seed)
@@ -135,13 +123,17 @@ def evaluate(score_fn, eval_set, dist_info, opts):
     return metrics, pred
 
 
+def csv_text(rows):
+    """``rows`` (lists of cells; predictions as floats, written with 6 decimals) as CSV text."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([f"{cell:.6f}" if isinstance(cell, float) else cell for cell in row] for row in rows)
+    return buffer.getvalue()
+
+
 def write_predictions(path, samples, pred, column="pred"):
     """CSV ``image, mos, <column>``: ``pred`` for predictions on the MOS scale, ``score`` for a model's own scores."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["image", "mos", column])
-    writer.writerows([s.path, s.mos, f"{p:.6f}"] for s, p in zip(samples, pred))
-    atomic_write_text(path, buffer.getvalue())
+    rows = [[s.path, str(s.mos), float(p)] for s, p in zip(samples, pred)]  # the MOS as read, not rounded
+    atomic_write_text(path, csv_text([["image", "mos", column], *rows]))
 
 
 def save_eval_outputs(run_dir, label, eval_set, metrics, pred):

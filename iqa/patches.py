@@ -1,9 +1,9 @@
-"""Decoded-once image cache and the patch datasets of Stage 2.
+"""Decoded-once image cache, the patch datasets of Stage 2, the DataLoader and the normalisation.
 
 Every image is decoded (``iqa.datasets.load_rgb``) and resized **once** (shorter side to
 ``resize``, aspect kept, or to a fixed ``[width, height]``; images smaller than a patch are
 upscaled so one fits) into a uint8 ``3×H×W`` tensor.  The datasets then only slice those tensors: a worker never decodes, never
-converts to float; ImageNet normalisation happens on the device (``runtime.to_model_input``).
+converts to float; ImageNet normalisation happens on the device (``to_model_input``).
 
 * ``TrainPatchDataset``: ``patch_num`` random crops (+ horizontal flip) per image per epoch.
   The crops of an epoch are drawn up front from a generator seeded with (seed, epoch), so the
@@ -11,19 +11,25 @@ converts to float; ImageNet normalisation happens on the device (``runtime.to_mo
   not on whether the run was resumed.
 * ``EvalPatchDataset``: ``patch_num`` crops per image on a deterministic grid (or seeded random
   crops); items carry the image index so scores can be averaged per image.
+* ``make_loader``: the one DataLoader factory (Stage 1's training data, Stage 2's patches,
+  evaluation); ``to_model_input``: uint8 batch -> ImageNet-normalised float on the device.
 """
+import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from iqa import datasets
 
 DEFAULT_RESIZE = 384  # shorter side of every image both stages see; KonIQ 1024×768 -> 512×384, as in HyperIQA
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_FORK = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def resized_size(width, height, resize, patch_size):
@@ -175,3 +181,34 @@ class EvalPatchDataset(Dataset):
         image_index, k = divmod(index, self.patch_num)
         top, left = self.offsets[image_index][k]
         return crop(self.images[image_index], top, left, self.patch_size), image_index
+
+
+# ----------------------------------------------------------------------------- loading and normalisation
+
+def make_loader(dataset, batch_size, num_workers, device, *, sampler=None, generator=None, drop_last=False):
+    """A DataLoader over uint8 items in ``sampler``'s order (None: in order); ``generator`` seeds the
+    workers' base seed.  In-process when the dataset's images already live on the device."""
+    images = getattr(dataset, "images", None)
+    on_device = bool(images) and images[0].device.type != "cpu"
+    workers = 0 if on_device else num_workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda" and not on_device, drop_last=drop_last, generator=generator,
+                      multiprocessing_context=_FORK if workers else None)
+
+
+_NORMALISATION = {}
+
+
+def _normalisation(device):
+    """ImageNet mean/std on ``device``, built once per device (no host-to-device copy per step)."""
+    if device not in _NORMALISATION:
+        _NORMALISATION[device] = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255.0
+                                       for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return _NORMALISATION[device]
+
+
+def to_model_input(images, device, channels_last=False):
+    """uint8 (or float 0..255) N×3×H×W on any device -> ImageNet-normalised float32 on ``device``."""
+    mean, std = _normalisation(torch.device(device))
+    x = (images.to(device, non_blocking=True).float() - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,9 +1,10 @@
 """Shared run-time helpers for every entry script.
 
-One place for: user-facing errors, safe checkpoint I/O (atomic writes, ``weights_only``
-loads), run directories and their logs, device / mixed-precision selection, DDP set-up from
-torchrun's environment variables, seeding and RNG state, and the per-iteration cosine
-schedule.  Entry scripts stay thin by importing from here.
+One place for: user-facing errors, safe checkpoint I/O (atomic writes, ``weights_only`` loads),
+run directories and their logs, device and mixed-precision selection, the optimizer and the
+per-iteration cosine schedule, seeding and RNG state.  DDP lives in ``iqa.distributed``, what a
+training run does with these (checkpoints, resume, non-finite checks) in ``iqa.training_run``,
+the ImageNet normalisation beside the data in ``iqa.patches``.
 """
 import contextlib
 import datetime
@@ -15,15 +16,9 @@ import random
 import re
 import sys
 import tempfile
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class UserError(Exception):
     """An expected mistake (bad flag, missing file, ...): reported in one line, no traceback."""
@@ -66,6 +61,11 @@ def _atomic_write(path, write_fn, mode):
 def atomic_torch_save(obj, path):
     """``torch.save`` through a temp file + rename: a kill mid-save leaves the old file intact."""
     _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def atomic_write_binary(path, write_fn):
+    """``write_fn(f)`` into a binary temp file beside ``path``, then rename it over ``path``."""
+    _atomic_write(path, write_fn, "wb")
 
 
 def atomic_write_text(path, text):
@@ -207,23 +207,7 @@ def save_args(run_dir, args):
     atomic_write_json(os.path.join(run_dir, "args.json"), vars(args))
 
 
-# ----------------------------------------------------------------------------- distributed
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def enabled(self):
-        return self.world_size > 1
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
+# ----------------------------------------------------------------------------- device
 
 def resolve_device(name, local_rank=0):
     if name == "auto":
@@ -235,60 +219,6 @@ def resolve_device(name, local_rank=0):
     if name == "cpu":
         return torch.device("cpu")
     raise UserError(f"--device '{name}' is not one of auto, cuda, cpu")
-
-
-def init_distributed(device_flag="auto"):
-    """Set up DDP from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK); single process otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_flag, local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
-
-
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier(info):
-    if info.enabled:
-        dist.barrier()
-
-
-def all_gather_cat(tensor, info):
-    """Concatenate a 1-D/2-D tensor of possibly different length from every rank."""
-    if not info.enabled:
-        return tensor
-    n = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(n) for _ in range(info.world_size)]
-    dist.all_gather(sizes, n)
-    max_n = int(max(s.item() for s in sizes))
-    padded = torch.zeros((max_n, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.zeros_like(padded) for _ in range(info.world_size)]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)])
-
-
-def all_reduce_mean(values, info):
-    """Average a dict of floats over ranks (for logging)."""
-    if not info.enabled:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    t /= info.world_size
-    return dict(zip(keys, t.tolist()))
 
 
 # ----------------------------------------------------------------------------- precision
@@ -314,35 +244,6 @@ def make_grad_scaler(device, dtype):
 def make_adamw(param_groups, device, **kwargs):
     """AdamW, fused on CUDA (one kernel for all parameters)."""
     return torch.optim.AdamW(param_groups, fused=(device.type == "cuda"), **kwargs)
-
-
-_NORMALISATION = {}
-
-
-def _normalisation(device):
-    """ImageNet mean/std on ``device``, built once per device (no host-to-device copy per step)."""
-    if device not in _NORMALISATION:
-        _NORMALISATION[device] = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) * 255.0
-                                       for v in (IMAGENET_MEAN, IMAGENET_STD))
-    return _NORMALISATION[device]
-
-
-def to_model_input(images, device, channels_last=False):
-    """uint8 (or float 0..255) N×3×H×W on any device -> ImageNet-normalised float32 on ``device``."""
-    mean, std = _normalisation(torch.device(device))
-    x = (images.to(device, non_blocking=True).float() - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def first_nonfinite_parameter(module):
-    """Name of a parameter holding NaN/inf, or None: checked before a checkpoint replaces the last
-    good one (the last step of an epoch can blow the weights up before any loss shows it)."""
-    named = [(name, p) for name, p in module.named_parameters() if p.is_floating_point()]
-    if not named:
-        return None
-    finite = torch.stack([p.detach().isfinite().all() for _, p in named]).cpu()  # one device sync
-    bad = (~finite).nonzero()
-    return named[int(bad[0])][0] if len(bad) else None
 
 
 # ----------------------------------------------------------------------------- schedule / RNG
@@ -406,32 +307,3 @@ def _rng_to_tensors(state):
 def _python_rng_from_tensor(t):
     values = t.tolist()
     return (values[0], tuple(values[1:]), None)
-
-
-# ----------------------------------------------------------------------------- appended helpers
-
-def atomic_write_binary(path, write_fn):
-    """``write_fn(f)`` into a binary temp file beside ``path``, then rename it over ``path``."""
-    _atomic_write(path, write_fn, "wb")
-
-
-def broadcast_object(obj, info):
-    """Rank 0's ``obj`` on every rank (e.g. a timestamped run directory); identity without DDP."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# Flags that may differ between a run and its resumption: where/how it runs, not what it computes.
-RESUME_OVERRIDABLE = ("resume", "device", "num_workers")
-
-
-def restore_args(args, saved):
-    """Continue a run with its own saved settings; only ``RESUME_OVERRIDABLE`` flags come from the command line."""
-    merged = dict(saved)
-    merged.update({k: getattr(args, k) for k in RESUME_OVERRIDABLE if hasattr(args, k)})
-    for key, value in vars(args).items():
-        merged.setdefault(key, value)
-    return type(args)(**merged)

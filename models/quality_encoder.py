@@ -50,12 +50,6 @@ class QualityEncoder(nn.Module):
         last_stage = self.backbone(x)[-1]
         return self.projection(last_stage.mean(dim=(2, 3)))
 
-    def encode_views(self, views):
-        """(B, 2, L, 3, H, W) crops x levels -> (B, 2, L, D), in one backbone pass."""
-        batch, crops, levels = views.shape[:3]
-        features = self(views.flatten(0, 2))
-        return features.view(batch, crops, levels, -1)
-
     def score(self, x, text_features):
         """Zero-shot quality in [0, 1] against the (2, D) prompt anchors (row 0 positive)."""
         return zero_shot_score(self(x), text_features)

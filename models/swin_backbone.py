@@ -105,10 +105,8 @@ class SwinBackbone(nn.Module):
         super().__init__()
         self.model_size = model_size
         self.swin = create_swin(model_size, drop_path_rate, img_size)
-        self.loaded_from = None
         if weights_file:
             load_swin_weights(self.swin, read_state_dict(weights_file), weights_file, model_size)
-            self.loaded_from = weights_file
         elif imagenet_pretrained:
             self._load_imagenet()
         embed = self.swin.embed_dim
@@ -126,7 +124,6 @@ class SwinBackbone(nn.Module):
                 + OFFLINE_ADVICE.format(size=self.model_size, name=name)
             ) from None
         self.swin.load_state_dict(pretrained.state_dict())
-        self.loaded_from = f"timm:{name}"
 
     @property
     def num_features(self):

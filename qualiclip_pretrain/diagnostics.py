@@ -22,8 +22,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from iqa.datasets import load_rgb
-from iqa.patches import resized_size
-from iqa.runtime import UserError, autocast, to_model_input
+from iqa.patches import resized_size, to_model_input
+from iqa.runtime import UserError, autocast
 from models.quality_encoder import zero_shot_logits
 from qualiclip_pretrain.degradation_generator import NUM_LEVELS, SyntheticDegradation
 from qualiclip_pretrain.pretrain_dataset import pil_to_uint8_tensor

@@ -1,4 +1,5 @@
 """Synthetic degradations: PIL path against independent references, batched path against PIL."""
+import argparse
 import io
 import math
 
@@ -439,14 +440,14 @@ def test_batched_and_worker_noise_agree_in_distribution():
 
 
 def test_prepare_batch_shares_the_noise_field_across_levels():
-    """pretrain_qualiclip.prepare_batch groups the rows by crop: one field per crop, levels differ only in σ."""
-    from pretrain_qualiclip import get_args_parser, prepare_batch
-    from iqa.runtime import IMAGENET_MEAN, IMAGENET_STD
+    """engine.prepare_batch groups the rows by crop: one field per crop, levels differ only in σ."""
+    from iqa.patches import IMAGENET_MEAN, IMAGENET_STD
+    from qualiclip_pretrain.engine import prepare_batch
 
     levels = [0, 2, 4]
     crops = torch.full((2, 2, len(levels), 3, 32, 32), int(GREY), dtype=torch.uint8)  # 2 images × 2 crops
     batch = {"crops": crops, "dist_type": torch.tensor([NOISE, NOISE])}
-    args = get_args_parser().parse_args(["--degrade_on", "device"])
+    args = argparse.Namespace(degrade_on="device", channels_last=False)
     images, shape = prepare_batch(batch, levels, args, torch.device("cpu"), torch.Generator().manual_seed(0))
     assert shape == (2, 2, 3)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)

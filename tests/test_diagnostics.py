@@ -176,7 +176,7 @@ def test_collapse_warning_threshold():
 
 def test_cli_logs_spread_and_level_ranking_of_the_saved_encoder(tmp_path, text_features_file):
     """The CLI's final level ranking equals the one recomputed from its .pkl on the held-out images."""
-    from pretrain_qualiclip import holdout_split
+    from qualiclip_pretrain.engine import holdout_split
     from qualiclip_pretrain.pretrain_dataset import list_image_dir
 
     folder = tmp_path / "clean"

@@ -10,7 +10,9 @@ from scipy import optimize, special, stats
 from iqa import metrics
 from iqa.datasets import Sample
 from iqa.evaluation import EvalOptions, EvalSet, evaluate, save_eval_outputs
-from iqa.runtime import IMAGENET_MEAN, IMAGENET_STD, DistInfo, UserError
+from iqa.distributed import DistInfo
+from iqa.patches import IMAGENET_MEAN, IMAGENET_STD
+from iqa.runtime import UserError
 
 
 @pytest.fixture

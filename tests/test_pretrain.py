@@ -1,4 +1,5 @@
 """Stage-1 data pipeline and the pretrain_qualiclip.py CLI, end to end."""
+import argparse
 import io
 import json
 import time
@@ -8,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from iqa.runtime import IMAGENET_MEAN, IMAGENET_STD
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from iqa.patches import IMAGENET_MEAN, IMAGENET_STD
 from models.swin_backbone import create_swin
 from qualiclip_pretrain.degradation_generator import DISTORTION_TYPES, LEVEL_PARAMS
 from qualiclip_pretrain.pretrain_dataset import PretrainDataset, overlapping_offsets
@@ -78,14 +81,14 @@ def test_small_and_grayscale_images_are_upscaled_not_rejected(tmp_path):
 
 
 def test_normalisation_happens_after_degradation(tmp_path):
-    from pretrain_qualiclip import get_args_parser, prepare_batch
+    from qualiclip_pretrain.engine import prepare_batch
 
     coordinate_image(tmp_path / "img.png")
     dataset = PretrainDataset([str(tmp_path / "img.png")], crop_size=CROP, distortion_types=["brightness"],
                               num_levels=5)
     item = dataset[0]
     batch = {"crops": item["crops"].unsqueeze(0), "dist_type": torch.tensor([item["dist_type"]])}
-    args = get_args_parser().parse_args(["--degrade_on", "device"])
+    args = argparse.Namespace(degrade_on="device", channels_last=False)
     images, shape = prepare_batch(batch, [0, 1, 2, 3, 4], args, torch.device("cpu"), torch.Generator())
     assert shape == (1, 2, 5) and images.shape == (10, 3, CROP, CROP)
     clean = item["crops"][0, 0].double()
@@ -119,7 +122,8 @@ def test_cli_writes_encoder_that_loads_into_fresh_swin(tmp_path, text_features_f
     images = write_images(tmp_path / "clean")
     save_dir = tmp_path / "run"
     result = run_cli("pretrain_qualiclip.py", "--image_dir", images, "--text_features", text_features_file,
-                     "--epochs", "2", "--save_dir", save_dir, "--save_freq", "1", *PRETRAIN_FAST)
+                     "--epochs", "2", "--save_dir", save_dir, "--save_freq", "1", "--tensorboard", "--log_every", "1",
+                     *PRETRAIN_FAST)
     assert result.returncode == 0, result.stderr[-3000:]
     pkl = save_dir / "swin_nano_qualiclip_pretrained.pkl"
     ckpt = torch.load(pkl, weights_only=True)
@@ -136,7 +140,17 @@ def test_cli_writes_encoder_that_loads_into_fresh_swin(tmp_path, text_features_f
     assert (save_dir / "curves.png").stat().st_size > 0 and (save_dir / "results.json").is_file()
     # encoder weights really were trained (they differ from a fresh random init of the same seed's run)
     last = torch.load(save_dir / "last.pt", weights_only=True)
-    assert last["epoch"] == 1 and set(last) >= {"model", "optimizer", "scheduler", "scaler", "rng"}
+    assert last["epoch"] == 2 and set(last) >= {"model", "optimizer", "scheduler", "scaler", "rng"}
+    # --tensorboard: the log's numbers per epoch, and the running loss at every read-back (--log_every 1)
+    events = EventAccumulator(str(save_dir / "tensorboard"))
+    events.Reload()
+    for key in ("train_loss", "feature_spread"):
+        assert [(e.step, e.value) for e in events.Scalars(key)] == [(r["epoch"], pytest.approx(r[key])) for r in log]
+    assert [e.value for e in events.Scalars("lr/encoder")] == pytest.approx([r["lr"]["encoder"] for r in log])
+    assert [e.value for e in events.Scalars("level_ranking_accuracy/overall")] == pytest.approx(
+        [r["level_ranking_accuracy"]["overall"] for r in log])
+    steps = [e.step for e in events.Scalars("step/loss")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) % 2 == 0  # both epochs, every step
 
 
 def test_cli_on_koniq_reports_zero_shot_validation(tmp_path, demo_root, text_features_file):

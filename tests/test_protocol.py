@@ -75,7 +75,8 @@ def test_split_file_is_refused_under_hyperiqa(demo_root, tmp_path):
 
 
 def test_both_stages_draw_the_same_round_split_whatever_the_run_seed(demo_root):
-    from pretrain_qualiclip import get_args_parser, load_images, validate_args
+    from pretrain_qualiclip import check_args, get_args_parser
+    from qualiclip_pretrain.engine import load_images
 
     root = demo_root / "koniq-10k"
     for split_seed in (5, 6):
@@ -83,7 +84,7 @@ def test_both_stages_draw_the_same_round_split_whatever_the_run_seed(demo_root):
         for seed in ("1", "99"):
             args = get_args_parser().parse_args(["--data_root", str(root), "--protocol", "hyperiqa",
                                                  "--split_seed", str(split_seed), "--seed", seed])
-            validate_args(args)
+            check_args(args)
             train, heldout, val = load_images(args)
             stage1.append(({os.path.basename(p) for p, _ in train}, {os.path.basename(p) for p in heldout}))
         assert stage1[0] == stage1[1]

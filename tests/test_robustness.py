@@ -28,7 +28,7 @@ import pytest
 import torch
 from PIL import Image
 
-from iqa import runtime
+from iqa import runtime, training_run
 from iqa.runtime import read_jsonl, safe_load
 from models.swin_backbone import create_swin
 from tests.conftest import ROOT, assert_user_error, run_cli
@@ -384,7 +384,9 @@ def test_runs_of_the_other_stage_are_refused(stage1_run, stage2_run, tmp_path):
     assert_refused_untouched(tmp_path, "train_swin.py", "--resume", stage1, "--device", "cpu",
                              fragments=["args.json", "not written by train_swin.py"])
     assert_refused_untouched(tmp_path, "pretrain_qualiclip.py", "--resume", stage2, "--device", "cpu",
-                             fragments=["last.pt", "not a Stage-1 training checkpoint"])
+                             fragments=["args.json", "not written by pretrain_qualiclip.py"])
+    assert_refused_untouched(tmp_path, "pretrain_qualiclip.py", "--resume", stage2 / "last.pt", "--device", "cpu",
+                             fragments=["last.pt", "not a pretrain_qualiclip.py checkpoint"])
     assert_refused_untouched(tmp_path, "predict.py", "--checkpoint", stage1 / "last.pt", "--input",
                              stage1 / "curves.png", "--output", tmp_path / "scores.csv", "--device", "cpu",
                              fragments=["last.pt", "not a train_swin.py checkpoint"])
@@ -467,7 +469,7 @@ def test_stage1_killed_run_resumes_to_the_same_result(stage1_run, clean_images, 
     run_dir = tmp_path / "run"
     kill_at_first_checkpoint(["pretrain_qualiclip.py", *stage1_args(clean_images, text_features_file, run_dir)],
                              run_dir / "last.pt", tmp_path / "killed.log")
-    assert safe_load(run_dir / "last.pt")["epoch"] == 0  # killed after epoch 1 of 2
+    assert safe_load(run_dir / "last.pt")["epoch"] == 1  # killed after epoch 1 of 2 (epochs count from 1)
     assert not (run_dir / "results.json").exists()
     # What a kill at other moments leaves: the log without the checkpointed epoch, a half-written temp file.
     (run_dir / "log.jsonl").write_text("")
@@ -485,6 +487,29 @@ def test_stage1_killed_run_resumes_to_the_same_result(stage1_run, clean_images, 
     for part in ("encoder", "projection"):
         assert max((a[part][k] - b[part][k]).abs().max().item() for k in a[part]) < 1e-6, part
     assert not [n for n in os.listdir(run_dir) if n.startswith(runtime.TEMP_PREFIX)]
+
+
+def test_stage1_run_saved_in_the_earlier_checkpoint_format_still_resumes(stage1_run, tmp_path):
+    """A last.pt of format qualiclip-pretrain-state/1 (epochs counted from 0, rank 0's RNG state only) and an
+    args.json with no_imagenet_pretrained, resumed after its last epoch: the same encoder and log."""
+    run_dir = shutil.copytree(stage1_run, tmp_path / "old")
+    pkl = "swin_nano_qualiclip_pretrained.pkl"
+    for name in ("results.json", pkl):
+        (run_dir / name).unlink()
+    state = safe_load(run_dir / "last.pt")
+    old_args = {k: v for k, v in state["args"].items() if k not in ("imagenet_pretrained", "log_every", "tensorboard")}
+    old_args["no_imagenet_pretrained"] = not state["args"]["imagenet_pretrained"]
+    torch.save({**state, "format": "qualiclip-pretrain-state/1", "epoch": state["epoch"] - 1, "rng": state["rng"][0],
+                "args": old_args}, run_dir / "last.pt")
+    (run_dir / "args.json").write_text(json.dumps(old_args))
+
+    result = run_script("pretrain_qualiclip.py", "--resume", run_dir, "--device", "cpu", "--num_workers", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed after epoch 2 of 2" in result.stdout
+    assert read_jsonl(run_dir / "log.jsonl") == read_jsonl(stage1_run / "log.jsonl")
+    a, b = safe_load(stage1_run / pkl), safe_load(run_dir / pkl)
+    for part in ("encoder", "projection"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
 def test_stage2_killed_run_resumes_to_the_same_result(stage2_run, demo_root, tmp_path):
@@ -555,7 +580,7 @@ def test_stage1_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(clean_i
                         "--save_dir", save_dir, *STAGE1_FAST, "--batch_size", "4", "--epochs", "3", "--lr", "1e30")
     assert_user_error(result, "non-finite", "epoch 2", "last.pt (epoch 1)", "--lr")
     state = safe_load(save_dir / "last.pt")
-    assert state["epoch"] == 0
+    assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert [r["epoch"] for r in read_jsonl(save_dir / "log.jsonl")] == [1]
     assert not (save_dir / "swin_nano_qualiclip_pretrained.pkl").exists()
@@ -564,10 +589,10 @@ def test_stage1_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(clean_i
 def test_non_finite_weights_are_found_before_a_checkpoint_is_saved():
     """Both stages check the weights after each epoch: its last update can blow them up unseen by any loss."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
-    assert runtime.first_nonfinite_parameter(model) is None
+    assert training_run.first_nonfinite_parameter(model) is None
     with torch.no_grad():
         model[1].bias[0] = float("inf")
-    assert runtime.first_nonfinite_parameter(model) == "1.bias"
+    assert training_run.first_nonfinite_parameter(model) == "1.bias"
 
 
 # ----------------------------------------------------------------------------- 4. loading never unpickles code

@@ -98,10 +98,11 @@ def test_hyperiqa_json_split_files_keep_validation_apart(demo_root, tmp_path):
     names = sorted(os.listdir(root / "512x384"))
     (root / "koniq_train.json").write_text(json.dumps([{"image": f"koniq_train/{n}"} for n in names[:18]]))
     (root / "koniq_test.json").write_text(json.dumps([{"image": f"koniq_test/{n}"} for n in names[18:]]))
-    from pretrain_qualiclip import get_args_parser, load_images, validate_args
+    from pretrain_qualiclip import check_args, get_args_parser
+    from qualiclip_pretrain.engine import load_images
 
     args = get_args_parser().parse_args(["--data_root", str(root), "--seed", "123"])
-    validate_args(args)
+    check_args(args)
     train, heldout, val = load_images(args)
     stage2 = read_index("koniq-10k", root, seed=0)
     stage1_train = {os.path.basename(path) for path, _ in train}
@@ -113,7 +114,8 @@ def test_hyperiqa_json_split_files_keep_validation_apart(demo_root, tmp_path):
 def test_image_dir_holds_out_a_seeded_fraction(tmp_path):
     from PIL import Image
 
-    from pretrain_qualiclip import get_args_parser, load_images, validate_args
+    from pretrain_qualiclip import check_args, get_args_parser
+    from qualiclip_pretrain.engine import load_images
 
     folder = tmp_path / "clean"
     folder.mkdir()
@@ -123,7 +125,7 @@ def test_image_dir_holds_out_a_seeded_fraction(tmp_path):
     runs = []
     for seed in ("1", "2"):
         args = parse(["--image_dir", str(folder), "--heldout_fraction", "0.1", "--seed", seed])
-        validate_args(args)
+        check_args(args)
         runs.append(load_images(args))
     (train, heldout, val), (train2, heldout2, _) = runs
     assert len(heldout) == 4 and len(train) == 36 and val == []

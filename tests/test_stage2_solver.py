@@ -12,8 +12,11 @@ import train_swin
 from HyperIQASolver_swin import (
     FINAL_LR_RATIO, HyperIQASolver, NonFiniteLossError, evaluate, make_scheduler, param_groups,
 )
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from iqa.datasets import read_index, select_split
-from iqa.runtime import DistInfo, make_adamw, read_jsonl, safe_load
+from iqa.distributed import DistInfo
+from iqa.runtime import make_adamw, read_jsonl, safe_load
 from models.hyperiqa_swin import HyperIQASwin
 
 METRICS = {"srcc", "plcc", "plcc_logistic", "krcc", "rmse", "rmse_logistic", "n"}  # val/test: on the training scale
@@ -102,10 +105,11 @@ def test_param_groups_learning_rates_and_schedule_end():
     assert lrs[7] == pytest.approx(2e-3) and lrs[8] == pytest.approx(2e-4)
 
 
+@pytest.mark.slow
 def test_training_beats_the_untrained_model(tmp_path):
     scores, split = make_noise_dataset(tmp_path / "data", 32, 8, 16)
     args = cli_args(scores, split, tmp_path / "run", "--epochs", "3", "--train_patch_num", "2",
-                    "--test_patch_num", "2", "--lr", "1e-4", "--no_early_stopping")
+                    "--test_patch_num", "2", "--lr", "1e-4", "--no_early_stopping", "--tensorboard")
     train_swin.check_args(args)
     samples = read_index("csv", scores, split_file=split)
     run_dir = tmp_path / "run"
@@ -126,6 +130,12 @@ def test_training_beats_the_untrained_model(tmp_path):
     best = max(history, key=lambda r: r["val"]["srcc"])  # first best on ties
     assert results["best_epoch"] == best["epoch"] and results["val"] == best["val"]
     assert safe_load(run_dir / "best.pt")["epoch"] == best["epoch"]
+    events = EventAccumulator(str(run_dir / "tensorboard"))  # --tensorboard: the log's numbers per epoch
+    events.Reload()
+    for tag, value in (("train_loss", lambda r: r["train_loss"]), ("val/srcc", lambda r: r["val"]["srcc"]),
+                       ("lr/encoder", lambda r: r["lr"]["encoder"]), ("lr/head", lambda r: r["lr"]["head"])):
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == [(r["epoch"], pytest.approx(value(r)))
+                                                                      for r in history], tag
 
 
 def test_targets_are_scaled_with_the_training_split_only(tmp_path):
@@ -156,6 +166,7 @@ def test_targets_are_scaled_with_the_training_split_only(tmp_path):
     assert block["rmse"] == pytest.approx(np.sqrt(np.mean((pred - test_mos) ** 2)))
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, no_global_determinism):
     scores, split = make_noise_dataset(tmp_path / "data", 12, 4, 4)
     common = ("--epochs", "3", "--train_patch_num", "1", "--test_patch_num", "2", "--lr", "1e-4", "--deterministic",
@@ -191,6 +202,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, no_global_deter
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     scores, split = make_noise_dataset(tmp_path / "data", 8, 4, 4)
     original = HyperIQASolver.save_checkpoints
@@ -208,6 +220,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert not (tmp_path / "run" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_rounds_write_per_round_results_and_summary(tmp_path):
     scores, split = make_noise_dataset(tmp_path / "data", 8, 4, 4)
     train_swin.main(cli_args(scores, split, tmp_path / "run", "--epochs", "1", "--train_patch_num", "1",

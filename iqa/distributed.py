@@ -1,0 +1,98 @@
+"""DDP from torchrun's environment variables (RANK, WORLD_SIZE, LOCAL_RANK) and the few collectives
+the scripts use.  Every helper is the identity (or a no-op) in a single process, so callers never
+branch on whether they run distributed."""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from iqa.runtime import resolve_device
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init_distributed(device_flag="auto"):
+    """Set up DDP from torchrun's variables; a single process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_flag, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info):
+    if info.enabled:
+        dist.barrier()
+
+
+def all_gather_cat(tensor, info):
+    """Concatenate a 1-D/2-D tensor of possibly different length from every rank."""
+    if not info.enabled:
+        return tensor
+    n = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(n) for _ in range(info.world_size)]
+    dist.all_gather(sizes, n)
+    max_n = int(max(s.item() for s in sizes))
+    padded = torch.zeros((max_n, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.zeros_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes)])
+
+
+def all_gather_objects(obj, info):
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank; ``[obj]`` without DDP."""
+    if not info.enabled:
+        return [obj]
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def all_reduce_mean(values, info):
+    """Average a dict of floats over ranks (for logging)."""
+    if not info.enabled:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    t /= info.world_size
+    return dict(zip(keys, t.tolist()))
+
+
+def broadcast_object(obj, info):
+    """Rank 0's ``obj`` on every rank (e.g. a timestamped run directory); identity without DDP."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
