@@ -88,7 +88,8 @@ def get_args_parser():
     model.add_argument("--proj_hidden", type=int, default=None, help="projection MLP width (default: Swin width)")
 
     text = p.add_argument_group("text anchors")
-    text.add_argument("--prompt_set", choices=tuple(PROMPT_SETS), default="seed")
+    text.add_argument("--prompt_set", choices=tuple(PROMPT_SETS), default="good_bad",
+                      help="good_bad: 'Good photo.'/'Bad photo.' (alias: seed); qualiclip: QualiCLIP's 7 pairs")
     text.add_argument("--clip_model", default="RN50", help="open_clip model name of the frozen text tower")
     text.add_argument("--clip_weights", default=None, help="local CLIP weights (OpenAI RN50.pt or a state dict)")
     text.add_argument("--text_features", default=None,

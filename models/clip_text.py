@@ -12,8 +12,12 @@ Where the CLIP weights come from:
   OpenAI weights saved that way need the ``-quickgelu`` name (e.g. ``RN50-quickgelu``).
 * no ``clip_weights``: open_clip's ``openai`` tag from the local Hugging Face cache (downloaded
   when online).  Offline and not cached, this stops at once with the files to provide; it never
-  falls back to a random text tower.
+  falls back to a random text tower.  open_clip's own ERROR log line for that failure is dropped:
+  the ``UserError`` says what happened and what to pass, and a caller may go on (the demo's
+  random anchors), so the run must not print an ERROR line.
 """
+import contextlib
+import logging
 import os
 import zipfile
 
@@ -23,8 +27,9 @@ import torch.nn.functional as F
 
 from iqa.runtime import UserError, safe_load
 
+GOOD_BAD = [("Good photo.", "Bad photo.")]
 PROMPT_SETS = {
-    "seed": [("Good photo.", "Bad photo.")],
+    "good_bad": GOOD_BAD,
     # QualiCLIP's antonym pairs (Agnolucci et al., 2024).
     "qualiclip": [
         ("Good photo.", "Bad photo."),
@@ -35,6 +40,7 @@ PROMPT_SETS = {
         ("High-quality image.", "Low-quality image."),
         ("Good picture.", "Bad picture."),
     ],
+    "seed": GOOD_BAD,  # good_bad's former name, still accepted (older commands, runs resumed from their args)
 }
 
 WEIGHTS_ADVICE = (
@@ -98,13 +104,30 @@ def _load_openai_pretrained(clip_model):
         raise UserError(f"open_clip has no OpenAI weights for --clip_model '{clip_model}'; "
                         + WEIGHTS_ADVICE.format(cache=cache))
     try:
-        # OpenAI trained with QuickGELU; open_clip's plain names would silently build nn.GELU.
-        return _create_model(clip_model, pretrained="openai", force_quick_gelu=tag.get("quick_gelu", False))
+        with _open_clip_errors_dropped():
+            # OpenAI trained with QuickGELU; open_clip's plain names would silently build nn.GELU.
+            return _create_model(clip_model, pretrained="openai", force_quick_gelu=tag.get("quick_gelu", False))
     except UserError:
         raise
     except Exception as err:  # open_clip wraps hub/url failures in various exception types
         raise UserError(f"could not load OpenAI weights for CLIP '{clip_model}' (offline or not cached: "
                         f"{type(err).__name__}); " + WEIGHTS_ADVICE.format(cache=cache)) from None
+
+
+@contextlib.contextmanager
+def _open_clip_errors_dropped():
+    """Drop ERROR records that open_clip logs on the root logger (it logs, then raises) while active."""
+    package = os.path.dirname(open_clip.__file__) + os.sep
+
+    def keep(record):
+        return record.levelno < logging.ERROR or not record.pathname.startswith(package)
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def _hf_cache_dir():
@@ -113,7 +136,7 @@ def _hf_cache_dir():
     return constants.HF_HUB_CACHE
 
 
-def compute_text_features(prompt_set="seed", clip_model="RN50", clip_weights=None, device="cpu"):
+def compute_text_features(prompt_set="good_bad", clip_model="RN50", clip_weights=None, device="cpu"):
     """Encode a prompt set with a frozen CLIP text tower -> ((2, D) float32 CPU tensor, prompt pairs)."""
     if prompt_set not in PROMPT_SETS:
         raise UserError(f"prompt set '{prompt_set}' is not one of {', '.join(PROMPT_SETS)}")

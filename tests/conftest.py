@@ -1,31 +1,10 @@
-"""Shared fixtures: small generated data and a helper to run the real CLIs."""
+"""Shared fixtures: small generated data (helpers for running the CLIs are in tests/helpers.py)."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def run_cli(*args, env=None, timeout=600, cwd=ROOT):
-    """Run ``python <script> args...`` from the repository root; returns CompletedProcess."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def assert_user_error(result, *fragments):
-    """Non-zero exit, a one-line 'error:' message containing ``fragments``, no traceback."""
-    assert result.returncode != 0, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="session")

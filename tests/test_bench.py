@@ -1,7 +1,11 @@
 """The benchmark runs (quick mode) and writes the documented JSON rows; no timing is asserted."""
 import json
 
-from tests.conftest import run_cli
+import pytest
+
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow  # every test here runs a CLI as a subprocess
 
 NAMES = ["stage1_degradation", "stage2_sampling", "stage1_train", "stage2_train"]
 

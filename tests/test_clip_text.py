@@ -1,12 +1,11 @@
-"""CLIP text anchors: prompt averaging, loading from files, offline failure, stored features.
+"""CLIP text anchors: prompt averaging, loading from files, offline failure (no ERROR line from
+open_clip), the seed alias of good_bad, stored features.
 
 A tiny random-init open_clip model (registered from a temporary config) stands in for RN50.
 """
 import copy
 import json
-import os
-import subprocess
-import sys
+import logging
 import time
 
 import open_clip
@@ -14,10 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pretrain_qualiclip
 from iqa.runtime import UserError
 from models.clip_text import PROMPT_SETS, compute_text_features, encode_prompt_pairs, load_text_features
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run_cli
+from tools import make_text_features
 TINY = "test-tiny-clip"
 # Widths of 64 with one head each: what open_clip infers when rebuilding an OpenAI archive.
 TINY_CONFIG = {
@@ -48,7 +48,7 @@ def encode_one_by_one(model, tokenizer, prompts):
 
 
 def test_prompt_sets():
-    assert PROMPT_SETS["seed"] == [("Good photo.", "Bad photo.")]
+    assert PROMPT_SETS["good_bad"] == [("Good photo.", "Bad photo.")]
     pairs = PROMPT_SETS["qualiclip"]
     assert len(pairs) == 7 and pairs[0] == ("Good photo.", "Bad photo.")
     assert ("Noise-free image.", "Noisy image.") in pairs
@@ -56,7 +56,7 @@ def test_prompt_sets():
 
 def test_single_pair_equals_direct_encode(tiny_clip):
     model, tokenizer = tiny_clip
-    anchors = encode_prompt_pairs(model, tokenizer, PROMPT_SETS["seed"], "cpu")
+    anchors = encode_prompt_pairs(model, tokenizer, PROMPT_SETS["good_bad"], "cpu")
     direct = encode_one_by_one(model, tokenizer, ["Good photo.", "Bad photo."])
     assert anchors.shape == (2, 16)
     torch.testing.assert_close(anchors, direct, atol=1e-5, rtol=1e-4)
@@ -72,7 +72,7 @@ def test_several_pairs_average_normalised_features(tiny_clip):
     ])
     torch.testing.assert_close(anchors, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(anchors.norm(dim=1), torch.ones(2))
-    seed = encode_prompt_pairs(model, tokenizer, PROMPT_SETS["seed"], "cpu")
+    seed = encode_prompt_pairs(model, tokenizer, PROMPT_SETS["good_bad"], "cpu")
     assert not torch.allclose(anchors, seed, atol=1e-3)
 
 
@@ -95,8 +95,8 @@ def test_clip_weights_openai_torchscript_archive(tiny_clip, tmp_path):
     path = tmp_path / "tiny_openai.pt"
     traced = torch.jit.trace_module(openai_like, {"encode_text": (tokenizer(["Good photo."]),)})
     torch.jit.save(traced, str(path))
-    features, _ = compute_text_features("seed", TINY, str(path))
-    torch.testing.assert_close(features, encode_prompt_pairs(model, tokenizer, PROMPT_SETS["seed"], "cpu"),
+    features, _ = compute_text_features("good_bad", TINY, str(path))
+    torch.testing.assert_close(features, encode_prompt_pairs(model, tokenizer, PROMPT_SETS["good_bad"], "cpu"),
                                atol=1e-5, rtol=1e-4)
 
 
@@ -107,32 +107,81 @@ def test_clip_weights_errors(tiny_clip, tmp_path):
     path = tmp_path / "broken.pt"
     torch.save(state, path)
     with pytest.raises(UserError, match="--clip_weights .* does not fit --clip_model"):
-        compute_text_features("seed", TINY, str(path))
+        compute_text_features("good_bad", TINY, str(path))
     with pytest.raises(UserError, match="--clip_model 'no-such-clip'"):
-        compute_text_features("seed", "no-such-clip", str(path))
+        compute_text_features("good_bad", "no-such-clip", str(path))
     with pytest.raises(UserError, match="does not exist"):
-        compute_text_features("seed", TINY, str(tmp_path / "missing.pt"))
+        compute_text_features("good_bad", TINY, str(tmp_path / "missing.pt"))
     with pytest.raises(UserError, match="prompt set"):
         compute_text_features("nonsense", TINY, str(path))
 
 
+def test_seed_is_an_alias_of_good_bad(tiny_clip, tmp_path):
+    model, _ = tiny_clip
+    path = tmp_path / "tiny_clip.pt"
+    torch.save(model.state_dict(), path)
+    features, prompts = compute_text_features("seed", TINY, str(path))
+    expected, expected_prompts = compute_text_features("good_bad", TINY, str(path))
+    assert prompts == expected_prompts == [("Good photo.", "Bad photo.")]
+    torch.testing.assert_close(features, expected, atol=0, rtol=0)
+    for parser, required in ((pretrain_qualiclip.get_args_parser(), []),
+                             (make_text_features.get_args_parser(), ["--out", "x.pt"])):
+        assert parser.parse_args(required).prompt_set == "good_bad"
+        assert parser.parse_args([*required, "--prompt_set", "seed"]).prompt_set == "seed"
+        with pytest.raises(SystemExit):
+            parser.parse_args([*required, "--prompt_set", "good-bad"])
+
+
+@pytest.mark.slow
 def test_offline_without_weights_fails_fast_naming_both_flags(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), XDG_CACHE_HOME=str(tmp_path))
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "XDG_CACHE_HOME": str(tmp_path)}
     script = (
         "from iqa.runtime import UserError\n"
         "from models.clip_text import compute_text_features\n"
-        "try:\n    compute_text_features('seed', 'RN50')\n"
+        "try:\n    compute_text_features('good_bad', 'RN50')\n"
         "except UserError as err:\n    print('USER_ERROR', err)\n    raise SystemExit(3)\n"
     )
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = run_cli("-c", script, env=env, timeout=60)
     elapsed = time.monotonic() - start
     assert result.returncode == 3, result.stderr[-2000:]
     message = result.stdout.split("USER_ERROR", 1)[1]
     assert "--clip_weights" in message and "--text_features" in message and "RN50.pt" in message
     assert str(tmp_path / "hf_home") in message
+    assert "ERROR" not in result.stderr, result.stderr  # open_clip's own log line is not printed
     assert elapsed < 20
+
+
+def failing_download(cfg, **kwargs):
+    raise RuntimeError("no network in this test")
+
+
+def test_failed_download_logs_no_error_and_the_fallback_run_prints_none(monkeypatch, caplog, capfd, tmp_path):
+    import open_clip.factory
+
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", failing_download)
+    caplog.set_level(logging.INFO)
+    # open_clip itself logs the failure at ERROR (what the demo used to print) ...
+    with pytest.raises(RuntimeError, match="no network"):
+        open_clip.create_model("RN50", pretrained="openai")
+    assert [r.levelname for r in caplog.records if "Failed to download" in r.getMessage()] == ["ERROR"]
+    caplog.clear()
+    # ... our loader raises the UserError without it, and the filter is gone afterwards
+    with pytest.raises(UserError, match="could not load OpenAI weights for CLIP 'RN50'.*--clip_weights"):
+        compute_text_features("good_bad", "RN50")
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert logging.getLogger().filters == []
+    capfd.readouterr()
+    # the demo's call: falls back to random anchors, says so in a note, no ERROR line anywhere
+    out = tmp_path / "anchors.pt"
+    make_text_features.main(make_text_features.get_args_parser().parse_args(
+        ["--out", str(out), "--fallback_random", "8"]))
+    printed = capfd.readouterr()
+    assert "note: could not load OpenAI weights" in printed.out and "random 8-d anchors" in printed.out
+    assert "ERROR" not in printed.out + printed.err
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    payload = torch.load(out, weights_only=True)
+    assert payload["random"] is True and payload["text_features"].shape == (2, 8)
 
 
 def test_load_text_features(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 from iqa.runtime import UserError
 from models.quality_encoder import QualityEncoder
@@ -174,6 +174,7 @@ def test_collapse_warning_threshold():
     assert line.startswith("warning: feature spread 0.0004 <") and "\n" not in line
 
 
+@pytest.mark.slow
 def test_cli_logs_spread_and_level_ranking_of_the_saved_encoder(tmp_path, text_features_file):
     """The CLI's final level ranking equals the one recomputed from its .pkl on the held-out images."""
     from qualiclip_pretrain.engine import holdout_split

@@ -8,8 +8,9 @@ import torch
 
 from iqa.datasets import read_index
 from models.swin_backbone import create_swin
-from tests.conftest import ROOT, run_cli
+from tests.helpers import ROOT, run_cli
 
+pytestmark = pytest.mark.slow  # every test here runs a CLI as a subprocess
 
 
 def torchrun():

@@ -5,24 +5,17 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, assert_user_error, run_cli
+from tests.helpers import assert_user_error, run_cli, run_pipeline
 
-SCRIPT = os.path.join(ROOT, "run_qualiclip_experiments.sh")
+pytestmark = pytest.mark.slow  # every test here runs a CLI as a subprocess
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RANDOM_ANCHORS_NOTE = "Stage 1 trained against fixed random text anchors"
-
-
-def run_pipeline(*args, timeout=900, cwd=ROOT):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(["bash", SCRIPT, "--python", sys.executable, *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def metrics(srcc, plcc, n=4):

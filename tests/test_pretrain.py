@@ -15,7 +15,7 @@ from iqa.patches import IMAGENET_MEAN, IMAGENET_STD
 from models.swin_backbone import create_swin
 from qualiclip_pretrain.degradation_generator import DISTORTION_TYPES, LEVEL_PARAMS
 from qualiclip_pretrain.pretrain_dataset import PretrainDataset, overlapping_offsets
-from tests.conftest import assert_user_error, run_cli
+from tests.helpers import assert_user_error, run_cli
 
 CROP = 32
 
@@ -118,6 +118,7 @@ PRETRAIN_FAST = ["--model_size", "nano", "--no_imagenet_pretrained", "--batch_si
                  "--crop_size", "64", "--num_levels", "3", "--eval_patch_num", "1"]
 
 
+@pytest.mark.slow
 def test_cli_writes_encoder_that_loads_into_fresh_swin(tmp_path, text_features_file):
     images = write_images(tmp_path / "clean")
     save_dir = tmp_path / "run"
@@ -153,6 +154,7 @@ def test_cli_writes_encoder_that_loads_into_fresh_swin(tmp_path, text_features_f
     assert steps == list(range(1, len(steps) + 1)) and len(steps) % 2 == 0  # both epochs, every step
 
 
+@pytest.mark.slow
 def test_cli_on_koniq_reports_zero_shot_validation(tmp_path, demo_root, text_features_file):
     save_dir = tmp_path / "run"
     result = run_cli("pretrain_qualiclip.py", "--data_root", demo_root / "koniq-10k", "--text_features",
@@ -165,6 +167,7 @@ def test_cli_on_koniq_reports_zero_shot_validation(tmp_path, demo_root, text_fea
     assert (save_dir / "scatter_zero_shot_val.png").is_file()
 
 
+@pytest.mark.slow
 def test_offline_without_clip_weights_stops_at_once(tmp_path):
     images = write_images(tmp_path / "clean", count=2)
     start = time.time()
@@ -176,6 +179,7 @@ def test_offline_without_clip_weights_stops_at_once(tmp_path):
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_offline_without_imagenet_weights_stops_at_once(tmp_path, text_features_file):
     images = write_images(tmp_path / "clean", count=2)
     start = time.time()
@@ -186,6 +190,7 @@ def test_offline_without_imagenet_weights_stops_at_once(tmp_path, text_features_
     assert time.time() - start < 60
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, fragment", [
     (["--num_levels", "7"], "--num_levels"),
     (["--distortion_types", "blur", "rain"], "--distortion_types"),

@@ -5,8 +5,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ import train_swin
 from iqa.datasets import read_index
 from iqa.patches import EvalPatchDataset, grid_offsets, load_resized
 from iqa.runtime import UserError
-from tests.conftest import ROOT, assert_user_error, run_cli
+from tests.helpers import ROOT, assert_user_error, run_cli, run_pipeline
 
 NANO = ("--model_size", "nano", "--no_imagenet_pretrained", "--device", "cpu", "--num_workers", "0")
 STAGE1 = ("--batch_size", "2", "--crop_size", "64", "--num_levels", "2", "--resize", "96", "--epochs", "1",
@@ -160,6 +158,7 @@ def test_random_test_crops_are_seeded_and_differ_from_the_grid():
 
 # ----------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 def test_train_swin_hyperiqa_rounds_report_the_median_and_the_protocol(demo_root, tmp_path):
     root, out = demo_root / "koniq-10k", tmp_path / "run"
     result = run_cli(os.path.join(ROOT, "train_swin.py"), "--protocol", "hyperiqa", "--data_root", root,
@@ -190,12 +189,7 @@ def test_train_swin_hyperiqa_rounds_report_the_median_and_the_protocol(demo_root
     assert "test over 2 rounds (protocol hyperiqa): SRCC median" in result.stdout
 
 
-def run_pipeline(*args, timeout=900):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(["bash", os.path.join(ROOT, "run_qualiclip_experiments.sh"), "--python", sys.executable,
-                           *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
+@pytest.mark.slow
 def test_pipeline_hyperiqa_runs_one_round_per_seed_with_its_own_stage1(demo_root, tmp_path, text_features_file):
     out, missing = tmp_path / "results", tmp_path / "none"
     root = demo_root / "koniq-10k"
@@ -243,6 +237,7 @@ def metrics(srcc, plcc):
     return {"srcc": srcc, "plcc": plcc, "plcc_logistic": plcc, "krcc": srcc, "rmse": 0.5, "n": 20}
 
 
+@pytest.mark.slow
 def test_summary_puts_the_median_over_rounds_first_under_hyperiqa(tmp_path):
     """Three rounds whose median (0.80) differs from their mean (0.77)."""
     root = tmp_path / "results"

@@ -31,7 +31,7 @@ from PIL import Image
 from iqa import runtime, training_run
 from iqa.runtime import read_jsonl, safe_load
 from models.swin_backbone import create_swin
-from tests.conftest import ROOT, assert_user_error, run_cli
+from tests.helpers import ROOT, assert_user_error, run_cli
 
 NANO = ("--model_size", "nano", "--no_imagenet_pretrained", "--device", "cpu", "--num_workers", "0")
 STAGE1_FAST = (*NANO, "--batch_size", "2", "--crop_size", "64", "--num_levels", "3", "--eval_patch_num", "1",
@@ -45,7 +45,7 @@ SETS_CSV = "koniq10k_distributions_sets.csv"
 # ----------------------------------------------------------------------------- helpers
 
 def run_script(script, *args):
-    """Run ``python <script> args`` in this process; a CompletedProcess like ``conftest.run_cli``.
+    """Run ``python <script> args`` in this process; a CompletedProcess like ``tests.helpers.run_cli``.
 
     Any exception other than SystemExit propagates, i.e. fails the test with its traceback.
     """
@@ -301,6 +301,7 @@ def save_mixed_mode_images(folder):
     return names
 
 
+@pytest.mark.slow
 def test_unusual_images_are_converted_and_used_by_both_stages(tmp_path, text_features_file):
     images = tmp_path / "images"
     names = save_mixed_mode_images(images)
@@ -465,6 +466,7 @@ def kill_at_first_checkpoint(script_args, checkpoint, log_path, timeout=300):
             proc.wait()
 
 
+@pytest.mark.slow
 def test_stage1_killed_run_resumes_to_the_same_result(stage1_run, clean_images, text_features_file, tmp_path):
     run_dir = tmp_path / "run"
     kill_at_first_checkpoint(["pretrain_qualiclip.py", *stage1_args(clean_images, text_features_file, run_dir)],
@@ -489,6 +491,7 @@ def test_stage1_killed_run_resumes_to_the_same_result(stage1_run, clean_images, 
     assert not [n for n in os.listdir(run_dir) if n.startswith(runtime.TEMP_PREFIX)]
 
 
+@pytest.mark.slow
 def test_stage1_run_saved_in_the_earlier_checkpoint_format_still_resumes(stage1_run, tmp_path):
     """A last.pt of format qualiclip-pretrain-state/1 (epochs counted from 0, rank 0's RNG state only) and an
     args.json with no_imagenet_pretrained, resumed after its last epoch: the same encoder and log."""
@@ -512,6 +515,7 @@ def test_stage1_run_saved_in_the_earlier_checkpoint_format_still_resumes(stage1_
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
+@pytest.mark.slow
 def test_stage2_killed_run_resumes_to_the_same_result(stage2_run, demo_root, tmp_path):
     run_dir = tmp_path / "run"
     kill_at_first_checkpoint(["train_swin.py", *stage2_args(demo_root / "koniq-10k", run_dir)],
@@ -558,6 +562,7 @@ def test_crash_inside_an_atomic_save_keeps_the_previous_checkpoint(tmp_path, mon
     assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left behind
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_keeps_the_previous_file(tmp_path):
     path = tmp_path / "results.json"
     runtime.atomic_write_json(path, {"epoch": 1})
@@ -572,6 +577,7 @@ def test_sigkill_during_a_save_keeps_the_previous_file(tmp_path):
     assert os.listdir(tmp_path) == ["results.json"]
 
 
+@pytest.mark.slow
 def test_stage1_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(clean_images, text_features_file,
                                                                          tmp_path):
     save_dir = tmp_path / "run"

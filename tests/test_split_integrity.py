@@ -9,17 +9,13 @@ import pytest
 import torch
 
 from iqa.datasets import read_index
-from tests.conftest import ROOT, assert_user_error, run_cli
+from tests.helpers import assert_user_error, run_cli
 
 NANO = ("--model_size", "nano", "--no_imagenet_pretrained", "--device", "cpu", "--num_workers", "0")
 STAGE1 = (*NANO, "--batch_size", "2", "--crop_size", "64", "--num_levels", "2", "--resize", "96",
           "--epochs", "1")
 STAGE2 = (*NANO, "--batch_size", "8", "--train_patch_num", "1", "--test_patch_num", "1", "--resize", "224",
           "--epochs", "1")
-
-
-def run(script, *args):
-    return run_cli(os.path.join(ROOT, script), *args, timeout=300)
 
 
 def koniq_without_sets_file(demo_root, tmp_path):
@@ -36,12 +32,13 @@ def stage1(demo_root, tmp_path_factory, text_features_file):
     tmp = tmp_path_factory.mktemp("stage1")
     root = koniq_without_sets_file(demo_root, tmp)
     save_dir = tmp / "pretrain"
-    result = run("pretrain_qualiclip.py", "--data_root", root, "--text_features", text_features_file,
-                 "--save_dir", save_dir, "--drop_path_rate", "0.5", "--eval_patch_num", "2", *STAGE1)
+    result = run_cli("pretrain_qualiclip.py", "--data_root", root, "--text_features", text_features_file,
+                     "--save_dir", save_dir, "--drop_path_rate", "0.5", "--eval_patch_num", "2", *STAGE1)
     assert result.returncode == 0, result.stderr[-3000:]
     return root, save_dir, save_dir / "swin_nano_qualiclip_pretrained.pkl"
 
 
+@pytest.mark.slow
 def test_stage1_records_exactly_its_training_split(stage1):
     root, _, pkl = stage1
     trained = torch.load(pkl, weights_only=True)["train_images"]
@@ -51,11 +48,12 @@ def test_stage1_records_exactly_its_training_split(stage1):
     assert all(name.startswith("512x384" + os.sep) for name in trained)
 
 
+@pytest.mark.slow
 def test_different_run_seeds_share_one_split_and_the_fine_tune_starts(stage1, tmp_path):
     root, _, pkl = stage1
     out = tmp_path / "finetune"
-    result = run("train_swin.py", "--data_root", root, "--pretrained_encoder", pkl, "--seed", "7",
-                 "--output_dir", out, *STAGE2)
+    result = run_cli("train_swin.py", "--data_root", root, "--pretrained_encoder", pkl, "--seed", "7",
+                     "--output_dir", out, *STAGE2)
     assert result.returncode == 0, result.stderr[-3000:]
     split = json.loads((out / "split.json").read_text())
     trained = {os.path.basename(name) for name in torch.load(pkl, weights_only=True)["train_images"]}
@@ -64,6 +62,7 @@ def test_different_run_seeds_share_one_split_and_the_fine_tune_starts(stage1, tm
     assert trained == set(split["train"])
 
 
+@pytest.mark.slow
 def test_fine_tune_on_another_split_is_refused_and_writes_nothing(stage1, tmp_path):
     root, _, pkl = stage1
     samples = read_index("koniq-10k", root, seed=5)
@@ -72,8 +71,8 @@ def test_fine_tune_on_another_split_is_refused_and_writes_nothing(stage1, tmp_pa
     overlap = sum(name in trained for name in held_out)
     assert overlap > 0  # the seeded splits of seed 0 and seed 5 differ on this root
     out = tmp_path / "refused"
-    result = run("train_swin.py", "--data_root", root, "--pretrained_encoder", pkl, "--split_seed", "5",
-                 "--output_dir", out, *STAGE2)
+    result = run_cli("train_swin.py", "--data_root", root, "--pretrained_encoder", pkl, "--split_seed", "5",
+                     "--output_dir", out, *STAGE2)
     line = assert_user_error(result, f"trained on {overlap} of the {len(held_out)} validation/test images",
                              "--split_seed 0", "--split_file", "--allow_pretrain_overlap")
     example = line.split("(e.g. ")[1].split(")")[0]
@@ -81,11 +80,12 @@ def test_fine_tune_on_another_split_is_refused_and_writes_nothing(stage1, tmp_pa
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_overlap_can_be_accepted_knowingly(stage1, tmp_path):
     root, _, pkl = stage1
     out = tmp_path / "accepted"
-    result = run("train_swin.py", "--data_root", root, "--pretrained_encoder", pkl, "--split_seed", "5",
-                 "--allow_pretrain_overlap", "--output_dir", out, *STAGE2)
+    result = run_cli("train_swin.py", "--data_root", root, "--pretrained_encoder", pkl, "--split_seed", "5",
+                     "--allow_pretrain_overlap", "--output_dir", out, *STAGE2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning:" in result.stdout and "not a clean evaluation" in result.stdout
     assert (out / "results.json").is_file()
@@ -133,6 +133,7 @@ def test_image_dir_holds_out_a_seeded_fraction(tmp_path):
     assert heldout == heldout2 and train == train2  # the run seed does not move the held-out images
 
 
+@pytest.mark.slow
 def test_stage1_zero_shot_validation_equals_cross_dataset_test(demo_root, tmp_path, text_features_file):
     """Eval mode everywhere: with stochastic depth 0.5 a train-mode score would change per call."""
     root = demo_root / "koniq-10k"
@@ -140,9 +141,9 @@ def test_stage1_zero_shot_validation_equals_cross_dataset_test(demo_root, tmp_pa
     split_file = tmp_path / "split.json"
     split_file.write_text(json.dumps({"train": names[:10], "val": names[10:]}))
     save_dir = tmp_path / "pretrain"
-    result = run("pretrain_qualiclip.py", "--data_root", root, "--split_file", split_file, "--text_features",
-                 text_features_file, "--save_dir", save_dir, "--drop_path_rate", "0.5", "--eval_patch_num", "2",
-                 *STAGE1)
+    result = run_cli("pretrain_qualiclip.py", "--data_root", root, "--split_file", split_file, "--text_features",
+                     text_features_file, "--save_dir", save_dir, "--drop_path_rate", "0.5", "--eval_patch_num", "2",
+                     *STAGE1)
     assert result.returncode == 0, result.stderr[-3000:]
     val = [s for s in read_index("koniq-10k", root, split_file=split_file) if s.split == "val"]
     table = tmp_path / "val.csv"
@@ -152,8 +153,8 @@ def test_stage1_zero_shot_validation_equals_cross_dataset_test(demo_root, tmp_pa
         writer.writerows([s.path, s.mos] for s in val)
     out = tmp_path / "cross.json"
     pkl = save_dir / "swin_nano_qualiclip_pretrained.pkl"
-    result = run("cross_dataset_test.py", "--checkpoint", pkl, "--datasets", f"csv={table}", "--output", out,
-                 "--device", "cpu", "--num_workers", "0")
+    result = run_cli("cross_dataset_test.py", "--checkpoint", pkl, "--datasets", f"csv={table}", "--output", out,
+                     "--device", "cpu", "--num_workers", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     cross = json.loads(out.read_text())[str(pkl)]["csv"]
     stage1_val = json.loads((save_dir / "results.json").read_text())["zero_shot_val"]

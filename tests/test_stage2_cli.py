@@ -8,17 +8,15 @@ import pytest
 import torch
 
 from models.quality_encoder import QualityEncoder
-from tests.conftest import ROOT, assert_user_error, run_cli
+from tests.helpers import ROOT, assert_user_error, run_cli
 from tools.make_demo_data import build_demo
+
+pytestmark = pytest.mark.slow  # every test here runs a CLI as a subprocess
 
 METRICS = {"srcc", "plcc", "plcc_logistic", "krcc", "rmse", "rmse_logistic", "n"}  # in-domain: on the MOS scale
 CROSS_METRICS = METRICS - {"rmse"}  # another dataset's MOS scale: RMSE only after the logistic mapping
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NANO = ("--model_size", "nano", "--no_imagenet_pretrained", "--device", "cpu", "--num_workers", "0")
-
-
-def run(script, *args, cwd=ROOT):
-    return run_cli(os.path.join(ROOT, script), *args, cwd=cwd, timeout=300)
 
 
 def is_png(path):
@@ -34,10 +32,10 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_run(demo, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "koniq_nano"
-    proc = run("train_swin.py", "--dataset", "koniq-10k", "--data_root", demo["koniq-10k"], *NANO,
-               "--epochs", "2", "--batch_size", "8", "--train_patch_num", "1", "--test_patch_num", "2",
-               "--use_multiscale", "--attention_fusion", "--output_dir", run_dir,
-               "--cross_datasets", f"spaq={demo['spaq']}")
+    proc = run_cli("train_swin.py", "--dataset", "koniq-10k", "--data_root", demo["koniq-10k"], *NANO,
+                   "--epochs", "2", "--batch_size", "8", "--train_patch_num", "1", "--test_patch_num", "2",
+                   "--use_multiscale", "--attention_fusion", "--output_dir", run_dir,
+                   "--cross_datasets", f"spaq={demo['spaq']}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(run_dir) in proc.stdout  # printed at start and end
     return run_dir
@@ -87,29 +85,31 @@ def test_train_swin_writes_the_run_directory(trained_run, demo):
 
 
 def test_train_swin_refuses_an_existing_run(trained_run, demo):
-    proc = run("train_swin.py", "--data_root", demo["koniq-10k"], *NANO, "--epochs", "1", "--output_dir", trained_run)
+    proc = run_cli("train_swin.py", "--data_root", demo["koniq-10k"], *NANO, "--epochs", "1",
+                   "--output_dir", trained_run)
     assert_user_error(proc, "already holds a run", "--resume")
 
 
 def test_pretrained_encoder_of_another_size_is_refused(stage1_pkl, demo, tmp_path):
-    proc = run("train_swin.py", "--data_root", demo["koniq-10k"], "--model_size", "tiny", "--no_imagenet_pretrained",
-               "--device", "cpu", "--epochs", "1", "--output_dir", tmp_path / "run", "--pretrained_encoder", stage1_pkl)
+    proc = run_cli("train_swin.py", "--data_root", demo["koniq-10k"], "--model_size", "tiny",
+                   "--no_imagenet_pretrained", "--device", "cpu", "--epochs", "1", "--output_dir", tmp_path / "run",
+                   "--pretrained_encoder", stage1_pkl)
     assert_user_error(proc, "Swin-nano", "tiny")
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_unmatched_pretrained_glob_points_to_step_1(demo, tmp_path):
     pattern = "checkpoints/qualiclip_pretrain_*/swin_base_qualiclip_pretrained.pkl"  # the shell leaves it unexpanded
-    proc = run("train_swin.py", "--data_root", demo["koniq-10k"], *NANO, "--output_dir", tmp_path / "run",
-               "--pretrained_encoder", pattern, cwd=tmp_path)
+    proc = run_cli("train_swin.py", "--data_root", demo["koniq-10k"], *NANO, "--output_dir", tmp_path / "run",
+                   "--pretrained_encoder", pattern, cwd=tmp_path)
     assert_user_error(proc, pattern, "Step 1")
 
 
 def test_cross_dataset_test_writes_json_table_and_plots(trained_run, demo, tmp_path):
     output = tmp_path / "cross.json"
     best, last = trained_run / "best.pt", trained_run / "last.pt"
-    proc = run("cross_dataset_test.py", "--checkpoint", best, last, "--datasets", f"kadid-10k={demo['kadid-10k']}",
-               f"agiqa-3k={demo['agiqa-3k']}", "--device", "cpu", "--num_workers", "0", "--output", output)
+    proc = run_cli("cross_dataset_test.py", "--checkpoint", best, last, "--datasets", f"kadid-10k={demo['kadid-10k']}",
+                   f"agiqa-3k={demo['agiqa-3k']}", "--device", "cpu", "--num_workers", "0", "--output", output)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(output.read_text())
     assert set(results) == {str(best), str(last)}
@@ -126,7 +126,7 @@ def test_cross_dataset_test_same_metrics_under_torchrun(trained_run, demo, tmp_p
     single, ddp = tmp_path / "single.json", tmp_path / "ddp.json"
     common = ("--checkpoint", trained_run / "best.pt", "--datasets", f"livec={demo['livec']}",
               "--device", "cpu", "--num_workers", "0", "--amp", "off")
-    assert run("cross_dataset_test.py", *common, "--output", single).returncode == 0
+    assert run_cli("cross_dataset_test.py", *common, "--output", single).returncode == 0
     proc = run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(ROOT, "cross_dataset_test.py"),
                    *common, "--output", ddp, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -152,32 +152,37 @@ def photo_folder(demo, tmp_path):
 def test_predict_scores_a_folder_and_a_single_image(trained_run, photo_folder, tmp_path):
     output = tmp_path / "scores.csv"
     folder = photo_folder
-    proc = run("predict.py", "--checkpoint", trained_run / "best.pt", "--input", folder, "--output", output,
-               "--device", "cpu", "--num_workers", "0", "--batch_size", "5")
+    proc = run_cli("predict.py", "--checkpoint", trained_run / "best.pt", "--input", folder, "--output", output,
+                   "--device", "cpu", "--num_workers", "0", "--batch_size", "5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(output) as f:
         rows = list(csv.DictReader(f))
     images = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.JPG"))
     assert len(images) == 7 and [r["image"] for r in rows] == images
     scores = {r["image"]: float(r["score"]) for r in rows}
+    lo, hi = torch.load(trained_run / "best.pt", weights_only=True)["mos_bounds"]
+    for r in rows:  # the score mapped onto the training split's MOS range
+        assert float(r["mos"]) == pytest.approx(lo + float(r["score"]) * (hi - lo), abs=1e-4)
 
     single = tmp_path / "one.csv"
-    proc = run("predict.py", "--checkpoint", trained_run / "best.pt", "--input", os.path.join(folder, images[3]),
-               "--output", single, "--device", "cpu", "--num_workers", "0")
+    proc = run_cli("predict.py", "--checkpoint", trained_run / "best.pt", "--input", os.path.join(folder, images[3]),
+                   "--output", single, "--device", "cpu", "--num_workers", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(single) as f:
         (row,) = list(csv.DictReader(f))
     assert float(row["score"]) == pytest.approx(scores[images[3]], abs=1e-5)  # batching does not change a score
 
-    assert_user_error(run("predict.py", "--checkpoint", trained_run / "best.pt", "--input", folder, "--output", output),
-                      "already exists")
+    assert_user_error(run_cli("predict.py", "--checkpoint", trained_run / "best.pt", "--input", folder,
+                              "--output", output), "already exists")
 
 
 def test_predict_zero_shot_with_a_stage1_encoder(stage1_pkl, photo_folder, tmp_path):
     output = tmp_path / "zero_shot.csv"
-    proc = run("predict.py", "--checkpoint", stage1_pkl, "--input", photo_folder,
-               "--output", output, "--device", "cpu", "--num_workers", "0", "--test_patch_num", "1")
+    proc = run_cli("predict.py", "--checkpoint", stage1_pkl, "--input", photo_folder,
+                   "--output", output, "--device", "cpu", "--num_workers", "0", "--test_patch_num", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(output) as f:
-        scores = [float(r["score"]) for r in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        scores = [float(r["score"]) for r in reader]
+    assert reader.fieldnames == ["image", "score"]  # zero-shot scores have no MOS scale
     assert len(scores) == 7 and all(0.0 <= s <= 1.0 for s in scores)

@@ -25,7 +25,8 @@ from models.clip_text import PROMPT_SETS, compute_text_features  # noqa: E402
 def get_args_parser():
     p = argparse.ArgumentParser("Save CLIP text anchors for --text_features")
     p.add_argument("--out", required=True, help="output file (torch.save of a dict with 'text_features')")
-    p.add_argument("--prompt_set", choices=tuple(PROMPT_SETS), default="seed")
+    p.add_argument("--prompt_set", choices=tuple(PROMPT_SETS), default="good_bad",
+                   help="good_bad: 'Good photo.'/'Bad photo.' (alias: seed); qualiclip: QualiCLIP's 7 pairs")
     p.add_argument("--clip_model", default="RN50")
     p.add_argument("--clip_weights", default=None)
     p.add_argument("--fallback_random", type=int, default=0, metavar="D",
