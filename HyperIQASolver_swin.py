@@ -46,7 +46,6 @@ from iqa.training_run import (
     training_state,
 )
 from iqa.training_run import NonFiniteError as NonFiniteLossError  # noqa: F401  (the name callers know)
-from iqa.scoring import other_dataset_resize  # noqa: F401  (train_swin.py imports it from here)
 from models.hyperiqa_swin import CHECKPOINT_FORMAT, build_model
 
 PATCH_SIZE = 224          # the Swin backbones take 224×224 inputs

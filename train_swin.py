@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from HyperIQASolver_swin import (
-    DEFAULT_TEST_PATCH_NUM, LOSSES, PATCH_SIZE, SCHEDULERS, HyperIQASolver, other_dataset_resize, protocol_record,
+    DEFAULT_TEST_PATCH_NUM, LOSSES, PATCH_SIZE, SCHEDULERS, HyperIQASolver, protocol_record,
 )
 from iqa.datasets import DATASET_NAMES, DEFAULT_SPLIT_SEED, HYPERIQA_RESIZE, PROTOCOLS, read_index, select_split
 from iqa.distributed import barrier, broadcast_object, cleanup_distributed, init_distributed
@@ -31,6 +31,7 @@ from iqa.patches import DEFAULT_RESIZE
 from iqa.runtime import (
     UserError, atomic_write_json, check_output_dir, prepare_output_dir, run_cli, safe_load, save_args, timestamp,
 )
+from iqa.scoring import other_dataset_resize
 from iqa.training_run import resolve_resume, tensorboard_writer_class
 from models.hyperiqa_swin import CHECKPOINT_FORMAT
 from models.quality_encoder import ENCODER_FORMAT
