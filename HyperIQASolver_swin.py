@@ -1,4 +1,4 @@
-"""Stage-2 training and evaluation of Swin-HyperIQA (DESIGN §4.2).
+"""Stage-2 training and evaluation of Swin-HyperIQA (docs/method.md).
 
 ``HyperIQASolver`` fine-tunes on MOS rescaled to [0, 1] with the MOS range of the training split
 only (val/test MOS never leak into the targets), under either ``--protocol``:

@@ -3,7 +3,7 @@
 Clean images are cropped twice (overlapping), degraded at L increasing levels of one synthetic
 distortion, encoded by Swin + projection head into the CLIP text space, and trained so that
 similarity to the frozen positive prompt falls and similarity to the negative prompt rises
-with degradation, while both crops of one level agree (DESIGN.md §3).
+with degradation, while both crops of one level agree (docs/method.md).
 
     python pretrain_qualiclip.py --data_root /path/to/koniq-10k --model_size base \
         --epochs 10 --batch_size 8 --lr 5e-5

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole experiment of QUALICLIP_PRETRAIN_GUIDE.md in one command:
+# The whole two-stage experiment (docs/method.md) in one command:
 #   Step 1  QualiCLIP-style pretraining (pretrain_qualiclip.py)
 #   Step 2a baseline fine-tune, ImageNet encoder (train_swin.py)
 #   Step 2b the same baseline at the pretrained run's encoder LR (the controlled comparison)

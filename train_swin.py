@@ -1,4 +1,4 @@
-"""Stage 2: fine-tune Swin-HyperIQA on MOS-labelled data (DESIGN §4).
+"""Stage 2: fine-tune Swin-HyperIQA on MOS-labelled data (docs/method.md).
 
 The guide's commands run as written, e.g.
 

@@ -1,4 +1,4 @@
-"""Frozen CLIP text anchors for Stage 1 (DESIGN §3.4), through open_clip.
+"""Frozen CLIP text anchors for Stage 1 (docs/method.md, "Text anchors"), through open_clip.
 
 ``compute_text_features`` encodes a prompt set once and returns a ``(2, D)`` tensor: row 0 the
 "good" anchor, row 1 the "bad" one.  With several antonym pairs, each anchor is the normalised

@@ -3,7 +3,7 @@
 The encoder maps an image to a vector comparable with the frozen CLIP prompt anchors
 (``models/clip_text.py``).  ``score`` turns that comparison into a zero-shot quality in [0, 1],
 so Stage 1 can be evaluated against MOS before any fine-tuning.  ``checkpoint_dict`` /
-``from_checkpoint`` define the Stage-1 ``.pkl`` (DESIGN §3.5): a plain dict of tensors and
+``from_checkpoint`` define the Stage-1 ``.pkl`` (docs/formats.md): a plain dict of tensors and
 strings that loads with ``torch.load(weights_only=True)`` and whose ``encoder`` entry is a timm
 Swin state dict with timm's own key names, so Stage 2 (or plain timm) can load it directly.
 """

@@ -1,4 +1,4 @@
-"""Synthetic degradations for Stage-1 pretraining (DESIGN.md §3.1).
+"""Synthetic degradations for Stage-1 pretraining (docs/method.md, "Data").
 
 Four distortion types, five levels each, always ordered from mildest to strongest:
 

@@ -1,4 +1,4 @@
-"""QualiCLIP-style ranking + consistency loss (DESIGN.md §3.2).
+"""QualiCLIP-style ranking + consistency loss (docs/method.md, "Loss").
 
 Inputs: ``image_features`` ``(B, 2, L, D)`` — B images, 2 overlapping crops, L degradation
 levels ordered mildest → strongest — and ``text_features`` ``(2, D)`` (row 0 the positive

@@ -1,4 +1,4 @@
-"""QualiCLIP loss against a literal transcription of the formula in DESIGN.md §3.2."""
+"""QualiCLIP loss against a literal transcription of the formula in docs/method.md ("Loss")."""
 import math
 
 import pytest
