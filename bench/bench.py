@@ -19,7 +19,7 @@ JPEG files on disk to normalised batches on the device:
   fp32 eager against our settings (bf16 autocast, channels_last, fused AdamW, TF32 on CUDA; on
   CPU the scripts' defaults), and peak GPU memory on CUDA.
 
-On CPU the models are Swin-nano; on CUDA Swin-Base at the guide's batch sizes.
+On CPU the models are Swin-nano; on CUDA Swin-Base at the original recipe's batch sizes.
 """
 import argparse
 import os

@@ -402,7 +402,7 @@ def _read_koniq(root, seed, check_exists, label):
 
 
 def _koniq_json_splits(train_json, test_json, seed):
-    """The seed's koniq_train.json / koniq_test.json; validation = a seeded 1/8 of train."""
+    """HyperIQA-style koniq_train.json / koniq_test.json; validation = a seeded 1/8 of train."""
     for path in (train_json, test_json):
         if not os.path.isfile(path):
             raise UserError(f"'{path}' is missing while its train/test partner exists; provide both KonIQ split files")

@@ -9,7 +9,7 @@ Four distortion types, five levels each, always ordered from mildest to stronges
 ``brightness`` pixel × f for f = 1.3, 0.7, 1.5, 0.5, 0.3, clipped
 =============  ==============================================================
 
-Brightness: the guide lists the factors as 0.7, 0.5, 0.3, 1.3, 1.5, which is not an order of
+Brightness: the original recipe lists the factors as 0.7, 0.5, 0.3, 1.3, 1.5, which is not an order of
 severity; the ranking loss needs one, so the same five factors are ordered by ``|ln f|``.
 
 Everything happens in **pixel space** (uint8 values 0..255); ImageNet normalisation comes
