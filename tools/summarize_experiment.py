@@ -287,29 +287,27 @@ def protocol_lines(summary):
 
 
 def stage1_lines(summary):
+    """Stage 1's zero-shot and level-ranking lines; under hyperiqa Stage 1 ran once per round."""
     pretrain = summary["pretrain"]
+    per_round = "per_round" in pretrain
     lines = []
-    if "per_round" in pretrain:
-        if pretrain["zero_shot_val"]:
+    if pretrain["zero_shot_val"]:
+        if per_round:
             lines.append(f"Stage 1 (one run per round on its training part, {format_duration(pretrain['time_s'])} "
                          f"each on average): zero-shot SRCC/PLCC of the encoder on each round's validation part: "
                          f"{pair(pretrain['zero_shot_val'], median=True)}")
-        ranking = pretrain["level_ranking_accuracy"]
-        if ranking:
-            cells = ", ".join(f"{name} {value:.3f}" for name, value in ranking.items() if name != "overall")
-            lines.append(f"Stage 1 level-ranking accuracy on held-out clean images, mean over rounds (0.5 = chance): "
-                         f"overall {ranking['overall']:.3f} ({cells})")
-        return lines + [""] if lines else []
-    if pretrain["zero_shot_val"]:
-        lines.append(f"Stage 1 ({format_duration(pretrain['time_s'])}): zero-shot SRCC/PLCC of the encoder "
-                     f"on the KonIQ-10k validation split: {pretrain['zero_shot_val']['srcc']:.4f} / "
-                     f"{pretrain['zero_shot_val']['plcc']:.4f}")
+        else:
+            lines.append(f"Stage 1 ({format_duration(pretrain['time_s'])}): zero-shot SRCC/PLCC of the encoder "
+                         f"on the KonIQ-10k validation split: {pretrain['zero_shot_val']['srcc']:.4f} / "
+                         f"{pretrain['zero_shot_val']['plcc']:.4f}")
     ranking = pretrain["level_ranking_accuracy"]
     if ranking:
         cells = ", ".join(f"{name} {value:.3f}" for name, value in ranking.items() if name != "overall")
-        lines.append(f"Stage 1 level-ranking accuracy on held-out clean images (fraction of degradation-level pairs "
-                     f"the zero-shot score orders correctly; 0.5 = chance): overall {ranking['overall']:.3f} "
-                     f"({cells})")
+        what = ("mean over rounds (0.5 = chance)" if per_round else
+                "(fraction of degradation-level pairs the zero-shot score orders correctly; 0.5 = chance)")
+        separator = ", " if per_round else " "
+        lines.append(f"Stage 1 level-ranking accuracy on held-out clean images{separator}{what}: "
+                     f"overall {ranking['overall']:.3f} ({cells})")
     return lines + [""] if lines else []
 
 
