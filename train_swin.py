@@ -1,6 +1,6 @@
 """Stage 2: fine-tune Swin-HyperIQA on MOS-labelled data (docs/method.md).
 
-The guide's commands run as written, e.g.
+The original recipe's commands run as written, e.g.
 
     python train_swin.py --dataset koniq-10k --model_size base --epochs 50 --use_multiscale --attention_fusion
     python train_swin.py --dataset koniq-10k --model_size base --epochs 50 --use_multiscale --attention_fusion \\
