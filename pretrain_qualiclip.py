@@ -33,13 +33,14 @@ from iqa.training_run import (
 from models.clip_text import PROMPT_SETS, compute_text_features, load_text_features
 from models.quality_encoder import QualityEncoder
 from models.swin_backbone import MODEL_SIZES
+from qualiclip_pretrain import arniqa
 from qualiclip_pretrain.degradation_generator import DISTORTION_TYPES, parse_distortion_types, select_levels
 from qualiclip_pretrain.diagnostics import choose_images, collapse_warning, level_ranking_accuracy
 from qualiclip_pretrain.engine import (
     NON_FINITE_ADVICE, STATE_FORMAT, RunContext, image_names, load_images, make_train_loader, train_one_epoch,
     zero_shot_eval,
 )
-from qualiclip_pretrain.pretrain_dataset import PretrainDataset
+from qualiclip_pretrain.pretrain_dataset import DEGRADATIONS, DEGRADE_ON, JPEG_ON, PretrainDataset, resolve_degrade_on
 from qualiclip_pretrain.qualiclip_loss import build_loss
 
 
@@ -66,11 +67,25 @@ def get_args_parser():
                            "(0 = native size)")
     data.add_argument("--crop_size", type=int, default=224, help="crop side (a multiple of 32)")
     data.add_argument("--num_levels", type=int, default=5, help="degradation levels per type, 1..5 (evenly spaced)")
+    data.add_argument("--degradations", choices=DEGRADATIONS, default="original",
+                      help="original: one of --distortion_types per image; arniqa: ARNIQA's degradation model, one "
+                           "composition of 1..--max_distortions distortions from distinct groups per image "
+                           "(docs/degradations_arniqa.md)")
     data.add_argument("--distortion_types", nargs="+", default=list(DISTORTION_TYPES),
-                      help=f"subset of {', '.join(DISTORTION_TYPES)} (space or comma separated)")
-    data.add_argument("--degrade_on", choices=("device", "worker"), default="device",
-                      help="device: blur/noise/brightness batched on the training device (fast); "
-                           "worker: everything with PIL in the data workers")
+                      help=f"--degradations original: subset of {', '.join(DISTORTION_TYPES)} (space or comma "
+                           f"separated)")
+    data.add_argument("--arniqa_groups", nargs="+", default=None,
+                      help=f"--degradations arniqa: the groups compositions draw from (default all: "
+                           f"{', '.join(arniqa.DISTORTION_GROUPS)})")
+    data.add_argument("--max_distortions", type=int, default=None,
+                      help=f"--degradations arniqa: most distortions per composition (default ARNIQA's "
+                           f"{arniqa.MAX_DISTORTIONS}, at most the number of groups)")
+    data.add_argument("--degrade_on", choices=DEGRADE_ON, default="auto",
+                      help="device: degradations batched on the training device (codecs in the workers); "
+                           "worker: everything in the data workers; auto: device on CUDA, worker on the CPU")
+    data.add_argument("--jpeg_on", choices=JPEG_ON, default="worker",
+                      help="cuda: JPEG (not JPEG 2000) with nvjpeg on the GPU instead of libjpeg in the workers "
+                           "(not pixel-identical to PIL; needs CUDA and --degrade_on device/auto)")
     data.add_argument("--eval_resize", type=int, default=None,
                       help="shorter side of images for zero-shot eval (default: --resize)")
     data.add_argument("--eval_patch_num", type=int, default=5, help="grid crops averaged per image in zero-shot eval")
@@ -139,6 +154,20 @@ def check_args(args):
     """Validate and complete the flags of a new run (in place)."""
     args.distortion_types = parse_distortion_types(args.distortion_types)
     select_levels(args.num_levels)
+    if args.degradations == "arniqa":
+        if args.distortion_types != list(DISTORTION_TYPES):
+            raise UserError("--distortion_types selects the original model's types; with --degradations arniqa "
+                            "choose groups with --arniqa_groups")
+        args.arniqa_groups, args.max_distortions = arniqa.composition_settings(args.arniqa_groups,
+                                                                               args.max_distortions, args.crop_size)
+    elif args.arniqa_groups is not None or args.max_distortions is not None:
+        raise UserError("--arniqa_groups and --max_distortions apply to --degradations arniqa only")
+    # auto is resolved once, so that args.json records what the run used and a resume keeps it
+    device = runtime.resolve_device(args.device)
+    args.degrade_on = resolve_degrade_on(args.degrade_on, device)
+    if args.jpeg_on == "cuda" and (device.type != "cuda" or args.degrade_on != "device"):
+        raise UserError(f"--jpeg_on cuda needs a CUDA GPU and --degrade_on device (here: device {device.type}, "
+                        f"--degrade_on {args.degrade_on}); use --jpeg_on worker")
     for flag in ("epochs", "batch_size", "crop_size", "grad_accum", "eval_patch_num", "log_every"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
@@ -242,7 +271,9 @@ def train(args, dist_info):
     verify_images(train_images + [(path, None) for path in level_paths], threads=decode_threads(dist_info.world_size),
                   progress=dist_info.is_main)
     dataset = PretrainDataset([path for path, _ in train_images], args.crop_size, args.distortion_types,
-                              args.num_levels, args.degrade_on, args.seed, resize=args.resize)
+                              args.num_levels, args.degrade_on, args.seed, resize=args.resize,
+                              degradations=args.degradations, arniqa_groups=args.arniqa_groups,
+                              max_distortions=args.max_distortions, jpeg_on=args.jpeg_on)
     if len(dataset) < args.batch_size * dist_info.world_size and dist_info.enabled:
         raise UserError(f"{len(dataset)} training images cannot fill one batch per GPU; lower --batch_size")
     loader = make_train_loader(dataset, args, dist_info)
@@ -298,9 +329,11 @@ def train(args, dist_info):
                 val_pred, record["val"] = zero_shot_eval(encoder, val_set, text_device, args, run)
             if level_paths:
                 record["level_ranking_accuracy"] = level_ranking_accuracy(
-                    encoder, text_device, level_paths, args.distortion_types, crop_size=args.crop_size,
-                    resize=args.resize, batch_size=max(8, args.batch_size * 4), device=device, amp_dtype=amp,
-                    channels_last=args.channels_last, seed=args.split_seed, progress=dist_info.is_main)
+                    encoder, text_device, level_paths,
+                    args.arniqa_groups if args.degradations == "arniqa" else args.distortion_types,
+                    crop_size=args.crop_size, resize=args.resize, batch_size=max(8, args.batch_size * 4),
+                    device=device, amp_dtype=amp, channels_last=args.channels_last, seed=args.split_seed,
+                    progress=dist_info.is_main, degradations=args.degradations)
             history.append(record)
             # Checkpoint first, then the log line; a resume rewrites the log from the checkpoint.
             state = training_state(STATE_FORMAT, **parts, epoch=epoch, args=args, history=history,

@@ -46,6 +46,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, features
 
+from iqa.runtime import UserError
+from qualiclip_pretrain.degradation_generator import cuda_jpeg
+
 DISTORTION_GROUPS = {
     "blur": ("gaublur", "lensblur", "motionblur"),
     "color_distortion": ("colordiff", "colorshift", "colorsat1", "colorsat2"),
@@ -530,7 +533,7 @@ _FUNCTIONS = {
     "highsharpen": _highsharpen, "lincontrchange": _lincontrchange, "nonlincontrchange": _nonlincontrchange,
 }
 # Smallest image side each patch-based distortion accepts (ARNIQA's position ranges).
-_MIN_SIDE = {"noneccpatch": 3 * _NONECC_PATCH, "colorblock": _COLOR_BLOCK}
+MIN_SIDE = {"noneccpatch": 3 * _NONECC_PATCH, "colorblock": _COLOR_BLOCK}
 
 
 # ----------------------------------------------------------------------------- public entry
@@ -580,8 +583,8 @@ def distort(image, name, level, generator=None):
     if isinstance(level, torch.Tensor) and image.ndim == 3:
         raise ValueError("a level tensor needs an (N, 3, H, W) batch; pass an int level for one image")
     h, w = image.shape[-2:]
-    if min(h, w) < _MIN_SIDE.get(name, 1):
-        raise ValueError(f"distortion {name!r} needs images of at least {_MIN_SIDE[name]} pixels a side, "
+    if min(h, w) < MIN_SIDE.get(name, 1):
+        raise ValueError(f"distortion {name!r} needs images of at least {MIN_SIDE[name]} pixels a side, "
                          f"got {h}x{w}")
     batch = image if image.ndim == 4 else image.unsqueeze(0)
     device = image.device
@@ -594,4 +597,141 @@ def distort(image, name, level, generator=None):
     return out if image.ndim == 4 else out.squeeze(0)
 
 
-__all__ = ["DISTORTION_GROUPS", "DISTORTIONS", "LEVEL_PARAMS", "NUM_LEVELS", "RANDOM_DISTORTIONS", "distort"]
+# ----------------------------------------------------------------------------- compositions
+
+GROUP_OF = {name: group for group, names in DISTORTION_GROUPS.items() for name in names}
+CODECS = DISTORTION_GROUPS["jpeg"]  # the two distortions computed on the CPU (Pillow)
+# ARNIQA's training setting (config.yaml, training.data.max_distortions; distort_images' default).
+MAX_DISTORTIONS = 4
+NO_DISTORTION = -1  # pads a composition to one entry per group
+JPEG_CODECS = ("pil", "cuda")
+
+
+def parse_groups(value):
+    """``--arniqa_groups``: names (a list, or one comma/space separated string) or ``all`` -> group names
+    in ``DISTORTION_GROUPS`` order."""
+    items = [value] if isinstance(value, str) else value
+    names = [part for item in items for part in str(item).replace(",", " ").split()]
+    if names == ["all"]:
+        return list(DISTORTION_GROUPS)
+    unknown = [name for name in names if name not in DISTORTION_GROUPS]
+    if unknown or not names:
+        raise UserError(f"--arniqa_groups: unknown or no group ({', '.join(unknown) or 'empty'}); valid names: "
+                        f"{', '.join(DISTORTION_GROUPS)} or all")
+    return [group for group in DISTORTION_GROUPS if group in names]
+
+
+def composition_settings(groups, max_distortions, crop_size):
+    """``--arniqa_groups`` (None = all), ``--max_distortions`` (None = ``MAX_DISTORTIONS``, at most the
+    number of groups) and ``--crop_size`` checked -> (group names, max_distortions)."""
+    groups = parse_groups(groups or "all")
+    if max_distortions is None:
+        max_distortions = min(MAX_DISTORTIONS, len(groups))
+    if isinstance(max_distortions, bool) or not isinstance(max_distortions, numbers.Integral) \
+            or not 1 <= max_distortions <= len(groups):
+        raise UserError(f"--max_distortions must be an integer in 1..{len(groups)} (the number of --arniqa_groups), "
+                        f"got {max_distortions!r}")
+    too_small = sorted({name for group in groups for name in DISTORTION_GROUPS[group]
+                        if MIN_SIDE.get(name, 1) > crop_size})
+    if too_small:
+        raise UserError(f"--crop_size {crop_size} is too small for {', '.join(too_small)} (needs "
+                        f"{max(MIN_SIDE[name] for name in too_small)}); use a larger --crop_size or leave its group "
+                        f"out of --arniqa_groups")
+    return groups, int(max_distortions)
+
+
+def draw_composition(rng, groups, max_distortions):
+    """ARNIQA's composition (its ``get_distortions_composition``): 1..``max_distortions`` distinct groups
+    of ``groups`` in random order, one distortion drawn from each, all from ``rng`` (a numpy Generator).
+
+    Returns a ``(len(DISTORTION_GROUPS),)`` long tensor of indices into ``DISTORTIONS``, in the order
+    they are applied, padded with ``NO_DISTORTION``. Levels are not drawn: every level is used.
+    """
+    if not 1 <= max_distortions <= len(groups):
+        raise ValueError(f"max_distortions must be in 1..{len(groups)} (the number of groups), got {max_distortions}")
+    count = int(rng.integers(1, max_distortions + 1))
+    composition = torch.full((len(DISTORTION_GROUPS),), NO_DISTORTION, dtype=torch.long)
+    for step, group in enumerate(rng.choice(len(groups), size=count, replace=False).tolist()):
+        names = DISTORTION_GROUPS[groups[group]]
+        composition[step] = DISTORTIONS.index(names[int(rng.integers(len(names)))])
+    return composition
+
+
+def _generator(device, generator):
+    if generator is not None:
+        return generator
+    # Levels share their random draws by replaying one generator state, so a generator is needed.
+    return torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, ())))
+
+
+def distort_levels(crops, name, levels, generator=None, jpeg="pil"):
+    """Distortion ``name`` at each of ``levels`` (ints 1..5): ``crops`` ``(N, L, 3, H, W)`` float in
+    [0, 1] -> the same shape, ``[:, j]`` distorted at ``levels[j]``.
+
+    Every level replays the same generator state, so the random draws (noise field, blur angle,
+    patch positions, ...) of a crop are the same at every level: its levels differ only in
+    intensity. ``jpeg='cuda'`` runs ``jpeg`` through nvjpeg (``degradation_generator.cuda_jpeg``,
+    not pixel-identical to Pillow) instead of Pillow.
+    """
+    if jpeg not in JPEG_CODECS:
+        raise ValueError(f"jpeg must be one of {', '.join(JPEG_CODECS)}, got {jpeg!r}")
+    if crops.ndim != 5 or crops.shape[1] != len(levels):
+        raise ValueError(f"crops must be (N, {len(levels)}, 3, H, W) for {len(levels)} levels, "
+                         f"got {tuple(crops.shape)}")
+    generator = _generator(crops.device, generator)
+    state = generator.get_state()
+    out = []
+    for j, level in enumerate(levels):
+        generator.set_state(state)
+        if name == "jpeg" and jpeg == "cuda":
+            pixels = (crops[:, j] * 255).round().clamp(0, 255).to(torch.uint8)
+            quality = LEVEL_PARAMS["jpeg"][level - 1]
+            out.append(cuda_jpeg(pixels, [quality] * len(pixels)).to(crops.dtype) / 255)
+        else:
+            out.append(distort(crops[:, j], name, level, generator))
+    return torch.stack(out, 1)
+
+
+def distort_compositions(crops, compositions, levels, generator=None, first_step=None, jpeg="pil"):
+    """Apply each image's composition to all its crops at every level, batched over the images.
+
+    Args:
+        crops: ``(B, C, L, 3, H, W)`` float in [0, 1], any device: C crops of each image at L levels.
+        compositions: ``(B, K)`` long tensor on the CPU (as the DataLoader delivers it), indices into
+            ``DISTORTIONS`` in the order they are applied, padded with ``NO_DISTORTION``.
+        levels: the L levels (ints 1..5), one per index of the third axis.
+        generator: ``torch.Generator`` on ``crops.device`` for the random distortions.
+        first_step: ``(B,)`` long tensor on the CPU, or None (0): the steps before it are skipped
+            (already applied elsewhere, e.g. a codec and what precedes it in a data worker).
+        jpeg: ``'pil'`` or ``'cuda'``, as in :func:`distort_levels`.
+
+    Step by step, the images whose composition has distortion d at that step are gathered and
+    distorted in one :func:`distort_levels` call per (step, distortion): no loop over images, and
+    the row indices come from the host (no device read-back). Returns the same shape, in [0, 1].
+    """
+    b, c, num_levels = crops.shape[:3]
+    if compositions.device.type != "cpu" or compositions.ndim != 2 or compositions.shape[0] != b:
+        raise ValueError(f"compositions must be a ({b}, K) CPU tensor, got {tuple(compositions.shape)} "
+                         f"on {compositions.device}")
+    steps = torch.arange(compositions.shape[1])
+    first_step = torch.zeros(b, dtype=torch.long) if first_step is None else first_step.cpu()
+    todo = torch.where(steps[None, :] >= first_step[:, None], compositions, NO_DISTORTION)
+    if not bool((todo != NO_DISTORTION).any()):
+        return crops
+    generator = _generator(crops.device, generator)
+    out = crops.clone()
+    for step in range(todo.shape[1]):
+        column = todo[:, step]
+        for index in column[column != NO_DISTORTION].unique().tolist():
+            rows = (column == index).nonzero().flatten()
+            rows = (rows.pin_memory() if crops.device.type == "cuda" else rows).to(crops.device, non_blocking=True)
+            selected = out.index_select(0, rows)
+            distorted = distort_levels(selected.flatten(0, 1), DISTORTIONS[index], levels, generator, jpeg)
+            out.index_copy_(0, rows, distorted.view_as(selected))
+    return out
+
+
+__all__ = ["DISTORTION_GROUPS", "DISTORTIONS", "LEVEL_PARAMS", "NUM_LEVELS", "RANDOM_DISTORTIONS", "distort",
+           "GROUP_OF", "CODECS", "MAX_DISTORTIONS", "MIN_SIDE", "NO_DISTORTION", "parse_groups", "composition_settings",
+           "draw_composition",
+           "distort_levels", "distort_compositions"]

@@ -42,7 +42,10 @@ Agreement of the two paths (measured, and asserted by ``tests/test_degradation.p
   σ on a mid-grey image).  Both share one unit Gaussian field across the levels of a crop, so
   the levels differ only in σ (``degrade_batch(..., noise_group_size=L)``; the two crops of an
   item draw independent fields);
-* jpeg: ``degrade_batch(..., jpeg='torchvision')`` is pixel-identical to the PIL path.
+* jpeg: ``degrade_batch(..., jpeg='torchvision')`` is pixel-identical to the PIL path;
+  ``jpeg='cuda'`` (``--jpeg_on cuda``) encodes and decodes on the GPU with nvjpeg
+  (:func:`cuda_jpeg`), which is *not* pixel-identical to PIL (its agreement is measured by
+  ``make gpu-check``).
 """
 import contextlib
 import io
@@ -65,6 +68,7 @@ LEVEL_PARAMS = {
     "noise": (5.0, 10.0, 15.0, 20.0, 25.0),  # Gaussian sigma, 0..255 scale
     "brightness": (1.3, 0.7, 1.5, 0.5, 0.3),  # multiplicative factor, ordered by |ln f|
 }
+JPEG_CODECS = ("skip", "torchvision", "cuda")  # degrade_batch(jpeg=...)
 JPEG_SUBSAMPLING = 2  # PIL's code for 4:2:0 chroma subsampling (libjpeg's default)
 BLUR_TRUNCATE = 4.0
 
@@ -361,14 +365,16 @@ def degrade_batch(images, dist_types, levels, generator=None, jpeg="skip", noise
         levels: ``(N,)`` integer tensor of 0-based level indices (0..4) into ``LEVEL_PARAMS``.
         generator: optional ``torch.Generator`` on ``images.device`` for the noise.
         jpeg: ``'skip'`` (default): JPEG rows are returned unchanged, because JPEG is applied
-            in the data workers with PIL. ``'torchvision'``: JPEG rows go through
+            in the data workers with PIL. ``'cuda'``: JPEG rows go through :func:`cuda_jpeg`
+            (nvjpeg on the images' CUDA device; not pixel-identical to PIL; ``UserError`` on a
+            CPU). ``'torchvision'``: JPEG rows go through
             ``torchvision.io.encode_jpeg`` / ``decode_jpeg`` on the CPU (4:2:0, like PIL).
             With Pillow 13.0 and torchvision 0.29.1 (both libjpeg-turbo) the encoded bytes are
             identical to PIL's at qualities 85/70/55/40/25 and the decodes pixel-identical
-            (``tests/test_degradation.py`` checks this). This option reads the row indices
-            back to the host (one sync) and copies the JPEG rows to the CPU and back (nvjpeg
-            is not used: its output is not guaranteed to match libjpeg). torchvision 0.29
-            deprecates its image codecs in favour of TorchCodec; the warning is silenced here.
+            (``tests/test_degradation.py`` checks this). Both options read the row indices
+            back to the host (one sync); ``'torchvision'`` also copies the JPEG rows to the CPU
+            and back. torchvision 0.29 deprecates its image codecs in favour of TorchCodec; the
+            warning is silenced here.
         noise_group_size: consecutive groups of this many rows share one unit Gaussian noise
             field (each row scales it by its own σ); N must be a multiple of it. With rows
             ordered (image, crop, level), pass the number of levels: the levels of one crop
@@ -389,8 +395,8 @@ def degrade_batch(images, dist_types, levels, generator=None, jpeg="skip", noise
         raise ValueError(f"images must be an N×3×H×W tensor, got {shape}")
     if images.dtype == torch.bool or images.dtype.is_complex:
         raise TypeError(f"images must be uint8 or float, got {images.dtype}")
-    if jpeg not in ("skip", "torchvision"):
-        raise ValueError(f"jpeg must be 'skip' or 'torchvision', got {jpeg!r}")
+    if jpeg not in JPEG_CODECS:
+        raise ValueError(f"jpeg must be one of {', '.join(map(repr, JPEG_CODECS))}, got {jpeg!r}")
     device = images.device
     n = images.shape[0]
     if isinstance(noise_group_size, bool) or not isinstance(noise_group_size, numbers.Integral) \
@@ -417,31 +423,69 @@ def degrade_batch(images, dist_types, levels, generator=None, jpeg="skip", noise
         out = (_degrade_rows(x, host_types, levels, tables, generator, noise_group_size) if host_types is not None
                else _degrade_masked(x, dist_types, levels, tables, generator, noise_group_size))
 
-    if jpeg == "torchvision":
-        out = _jpeg_rows_torchvision(out, dist_types, levels)
+    if jpeg != "skip":
+        out = _jpeg_rows(out, dist_types, levels, jpeg)
     return out
 
 
-def _jpeg_rows_torchvision(out, dist_types, levels):
-    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
-
+def _jpeg_rows(out, dist_types, levels, codec):
+    """The JPEG rows of ``out`` encoded and decoded with torchvision on the CPU or with nvjpeg."""
     rows = (dist_types == _JPEG).nonzero().flatten()
     if rows.numel() == 0:
         return out
-    src = out.index_select(0, rows).to(device="cpu", dtype=torch.uint8)
     qualities = [LEVEL_PARAMS["jpeg"][i] for i in levels.index_select(0, rows).cpu().tolist()]
+    src = out.index_select(0, rows).to(torch.uint8)
+    if codec == "cuda":
+        decoded = cuda_jpeg(src, qualities)
+    else:
+        from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+        with _quiet_torchvision_codecs():
+            decoded = torch.stack([decode_jpeg(encode_jpeg(img.contiguous(), quality=q), mode=ImageReadMode.RGB)
+                                   for img, q in zip(src.cpu(), qualities)])
+    return out.index_copy(0, rows, decoded.to(device=out.device, dtype=torch.float32))
+
+
+@contextlib.contextmanager
+def _quiet_torchvision_codecs():
+    """torchvision 0.29 deprecates its image codecs (in favour of TorchCodec) with a warning per call."""
     with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its image codecs (in favour of TorchCodec), once per call.
         warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities.*",
                                 category=DeprecationWarning)
-        decoded = [
-            decode_jpeg(encode_jpeg(img.contiguous(), quality=q), mode=ImageReadMode.RGB)
-            for img, q in zip(src, qualities)
-        ]
-    return out.index_copy(0, rows, torch.stack(decoded).to(device=out.device, dtype=torch.float32))
+        yield
+
+
+def cuda_jpeg(images, qualities):
+    """JPEG-encode and decode ``images`` (uint8 ``N×3×H×W`` on a CUDA device) with nvjpeg, image ``i``
+    at quality ``qualities[i]`` (host ints) -> uint8 ``N×3×H×W`` on the same device.
+
+    Images of one quality are encoded in one batched ``torchvision.io.encode_jpeg`` call; the
+    encoded bytes (a few kB per image) go to the host, as ``decode_jpeg`` requires, and are decoded
+    on the device. nvjpeg is not libjpeg: the result is close to PIL's, not pixel-identical
+    (``make gpu-check`` measures the agreement). On a machine without CUDA: ``UserError``.
+    """
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"cuda_jpeg expects a uint8 N×3×H×W tensor, got "
+                         f"{getattr(images, 'dtype', type(images).__name__)} {tuple(getattr(images, 'shape', ()))}")
+    if images.device.type != "cuda":
+        raise UserError(f"JPEG on the GPU (--jpeg_on cuda) needs a CUDA device, but the images are on "
+                        f"{images.device.type} (CUDA available: {torch.cuda.is_available()}); use --jpeg_on worker")
+    qualities = [int(q) for q in qualities]
+    if len(qualities) != images.shape[0]:
+        raise ValueError(f"cuda_jpeg needs one quality per image ({images.shape[0]}), got {len(qualities)}")
+    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+    out = torch.empty_like(images)
+    with _quiet_torchvision_codecs():
+        for quality in sorted(set(qualities)):
+            rows = [i for i, q in enumerate(qualities) if q == quality]
+            encoded = encode_jpeg([images[i].contiguous() for i in rows], quality=quality)
+            decoded = decode_jpeg([data.cpu() for data in encoded], mode=ImageReadMode.RGB, device=images.device)
+            out[rows] = torch.stack(decoded)
+    return out
 
 
 __all__ = [
     "DISTORTION_TYPES", "LEVEL_PARAMS", "NUM_LEVELS", "MAX_BLUR_RADIUS", "SyntheticDegradation",
-    "select_levels", "parse_distortion_types", "degrade_batch", "gaussian_kernel1d", "blur_radius",
+    "select_levels", "parse_distortion_types", "degrade_batch", "gaussian_kernel1d", "blur_radius", "cuda_jpeg",
 ]

@@ -9,6 +9,9 @@ of pairs with score(l) > score(l'), ties counting one half, so a constant score 
 and it is what a quality model meets most. Versions are ordered by the zero-shot score's
 log-odds, ``100 * (cos_pos - cos_neg)``, which orders exactly like
 ``softmax(100 * [cos_pos, cos_neg])[0]`` but does not saturate to a tie at 0 or 1 in float32.
+With ``degradations='arniqa'`` the keys are ARNIQA's groups: per image and group, one distortion
+of the group (a seeded choice) at levels 1..5 (``arniqa.distort_levels``: the random draws are
+shared by the levels, so they differ only in intensity).
 
 ``feature_spread``: the total variance of the L2-normalised projected features across a batch,
 ``1 - ||mean_i f_i / ||f_i||| |^2`` (the sum over dimensions of the per-dimension variance of
@@ -25,6 +28,7 @@ from iqa.datasets import load_rgb
 from iqa.patches import resized_size, to_model_input
 from iqa.runtime import UserError, autocast
 from models.quality_encoder import zero_shot_logits
+from qualiclip_pretrain import arniqa
 from qualiclip_pretrain.degradation_generator import NUM_LEVELS, SyntheticDegradation
 from qualiclip_pretrain.pretrain_dataset import pil_to_uint8_tensor
 
@@ -68,16 +72,26 @@ def centre_crop(path, resize, crop_size):
     return image.crop((left, top, left + crop_size, top + crop_size))
 
 
-def degradation_ladders(path, distortion_types, resize, crop_size, seed):
-    """uint8 ``(T, 1 + NUM_LEVELS, 3, S, S)``: per type, the clean centre crop then levels 1..5.
-    ``seed``: a sequence of ints for the noise (e.g. run seed and image index)."""
+def degradation_ladders(path, distortion_types, resize, crop_size, seed, degradations="original"):
+    """uint8 ``(T, 1 + NUM_LEVELS, 3, S, S)``: per type (or ARNIQA group), the clean centre crop then
+    levels 1..5. ``seed``: a sequence of ints for the random draws (e.g. run seed and image index)."""
     crop = centre_crop(path, resize, crop_size)
     clean = pil_to_uint8_tensor(crop)
     ladders = []
     for t, name in enumerate(distortion_types):
-        # Seeded per (image, type): the noise does not depend on batching or on the other images.
-        degrader = SyntheticDegradation(name, NUM_LEVELS, rng=np.random.default_rng([*seed, t]))
-        ladders.append(torch.stack([clean, *(pil_to_uint8_tensor(im) for im in degrader(crop))]))
+        # Seeded per (image, type): the draws do not depend on batching or on the other images.
+        rng = np.random.default_rng([*seed, t])
+        if degradations == "arniqa":
+            choices = arniqa.DISTORTION_GROUPS[name]
+            generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            levels = list(range(1, NUM_LEVELS + 1))
+            versions = arniqa.distort_levels(clean.float().div(255).expand(1, NUM_LEVELS, -1, -1, -1),
+                                             choices[int(rng.integers(len(choices)))], levels, generator)
+            degraded = (versions[0] * 255).round().to(torch.uint8)
+        else:
+            degrader = SyntheticDegradation(name, NUM_LEVELS, rng=rng)
+            degraded = torch.stack([pil_to_uint8_tensor(im) for im in degrader(crop)])
+        ladders.append(torch.cat([clean.unsqueeze(0), degraded]))
     return torch.stack(ladders)
 
 
@@ -92,10 +106,11 @@ def pairwise_order_accuracy(scores):
 @torch.no_grad()
 def level_ranking_accuracy(model, text_features, image_paths, distortion_types, *, crop_size, resize=384,
                            batch_size=32, device="cpu", amp_dtype=None, channels_last=False, seed=0,
-                           progress=True):
+                           progress=True, degradations="original"):
     """Fraction of correctly ordered degradation-level pairs per distortion type, and ``overall``
-    (their mean); see the module docstring. ``model`` maps normalised images to features; it is
-    run in eval mode and put back into its previous mode afterwards."""
+    (their mean); see the module docstring. With ``degradations='arniqa'``, ``distortion_types`` are
+    ARNIQA group names and the keys too. ``model`` maps normalised images to features; it is run in
+    eval mode and put back into its previous mode afterwards."""
     if not image_paths:
         raise UserError("level-ranking accuracy needs at least one held-out image")
     device = torch.device(device)
@@ -110,7 +125,7 @@ def level_ranking_accuracy(model, text_features, image_paths, distortion_types, 
         for start in tqdm(range(0, len(image_paths), images_per_batch), desc="level ranking",
                           disable=not progress, leave=False):
             chunk = image_paths[start:start + images_per_batch]
-            crops = torch.stack([degradation_ladders(path, types, resize, crop_size, (seed, start + i))
+            crops = torch.stack([degradation_ladders(path, types, resize, crop_size, (seed, start + i), degradations)
                                  for i, path in enumerate(chunk)])
             with autocast(device, amp_dtype):
                 features = model(to_model_input(crops.flatten(0, 2), device, channels_last))

@@ -21,6 +21,7 @@ from iqa.evaluation import EvalOptions, evaluate
 from iqa.patches import make_loader, to_model_input
 from iqa.runtime import UserError, autocast
 from iqa.training_run import LossMonitor, ScalarLog
+from qualiclip_pretrain.arniqa import distort_compositions
 from qualiclip_pretrain.degradation_generator import degrade_batch
 from qualiclip_pretrain.diagnostics import feature_spread
 from qualiclip_pretrain.pretrain_dataset import list_image_dir
@@ -90,16 +91,31 @@ def make_train_loader(dataset, args, dist_info):
 
 
 def prepare_batch(batch, levels, args, device, generator):
-    """Worker output -> normalised model input (B*2*L, 3, S, S), degraded in pixel space first."""
+    """Worker output -> normalised model input (B*2*L, 3, S, S), degraded in pixel space first.
+
+    ``levels``: the selected 0-based levels. ``args.degrade_on`` ('device' or 'worker') and
+    ``args.jpeg_on`` ('worker' when absent, as from callers that predate it) say what the workers left
+    to do; an ARNIQA batch (with ``composition``) carries how many steps each worker applied.
+    """
     crops = batch["crops"].to(device, non_blocking=True)
     b, two, num_levels = crops.shape[:3]
-    images = crops.flatten(0, 2)
-    if args.degrade_on == "device":
+    jpeg_on = getattr(args, "jpeg_on", "worker")
+    if "composition" in batch:
+        # Compositions and worker steps stay on the host: rows are grouped by distortion without a read-back.
+        degraded = distort_compositions(crops.float() / 255, batch["composition"], [level + 1 for level in levels],
+                                        generator, first_step=batch["worker_steps"],
+                                        jpeg="cuda" if jpeg_on == "cuda" else "pil")
+        images = (degraded * 255).round().flatten(0, 2)
+    elif args.degrade_on == "device":
+        images = crops.flatten(0, 2)
         # distortion types stay on the host: degrade_batch then runs each type on its own rows only
-        distortion_types = batch["dist_type"].repeat_interleave(two * num_levels)
+        distortion_types = batch["distortion_type"].repeat_interleave(two * num_levels)
         level_ids = torch.as_tensor(levels).repeat(b * two)
         # Rows run (image, crop, level): the levels of a crop share one noise field, as in the workers.
-        images = degrade_batch(images, distortion_types, level_ids, generator=generator, noise_group_size=num_levels)
+        images = degrade_batch(images, distortion_types, level_ids, generator=generator, noise_group_size=num_levels,
+                               jpeg="cuda" if jpeg_on == "cuda" else "skip")
+    else:
+        images = crops.flatten(0, 2)
     return to_model_input(images, device, args.channels_last), (b, two, num_levels)
 
 

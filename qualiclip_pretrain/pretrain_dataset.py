@@ -1,11 +1,24 @@
-"""Stage-1 data: two overlapping random crops of clean images, one distortion type per item.
+"""Stage-1 data: two overlapping random crops of clean images, degraded at L levels.
 
-Each item is ``{'crops': uint8 (2, L, 3, S, S), 'dist_type': int, 'index': int}``: both crops of
-the image at the L selected levels of one distortion type, mildest first.  By default
-(``degrade_on='device'``) workers only decode, crop and JPEG-encode; blur, noise and brightness
-rows are left clean (the L copies are views of one crop until collation) and are degraded in a
-batch on the training device by ``degradation_generator.degrade_batch``.  ``degrade_on='worker'``
-applies every degradation with PIL in the worker instead.
+Two degradation models (``degradations``):
+
+* ``'original'``: one distortion type of ``degradation_generator`` per item. Each item is
+  ``{'crops': uint8 (2, L, 3, S, S), 'distortion_type': int, 'index': int}``: both crops at the L
+  selected levels, mildest first. With ``degrade_on='device'`` workers only decode, crop and
+  JPEG-encode; blur, noise and brightness rows are left clean (the L copies are views of one crop
+  until collation) and are degraded in a batch on the training device by
+  ``degradation_generator.degrade_batch``.  ``degrade_on='worker'`` applies every degradation with
+  PIL in the worker instead.
+* ``'arniqa'``: one ARNIQA composition per item (``arniqa.draw_composition``: 1..``max_distortions``
+  distortions from distinct groups, random order), the same for both crops and every level, so
+  the levels differ only in intensity. Items are ``{'crops', 'composition': long (7,),
+  'worker_steps': int, 'index'}``: ``composition`` lists the distortions in order (indices into
+  ``arniqa.DISTORTIONS``, padded with -1), and the worker has applied its first ``worker_steps``
+  of them. With ``degrade_on='device'`` that is nothing, or, when the composition holds a codec
+  (computed on the CPU), every step up to and including the codec; the rest runs batched on the
+  device (``arniqa.distort_compositions``). With ``degrade_on='worker'`` the worker applies all.
+
+``jpeg_on='cuda'`` leaves JPEG (not JPEG 2000) to the device, through nvjpeg.
 
 Randomness comes from a generator seeded with (seed, epoch, index), so an item is the same
 whatever the number of workers, and a resumed run sees exactly the data it would have seen.
@@ -20,11 +33,26 @@ from torch.utils.data import Dataset
 from iqa.datasets import list_image_files, load_rgb
 from iqa.patches import resized_size
 from iqa.runtime import UserError
+from qualiclip_pretrain import arniqa
 from qualiclip_pretrain.degradation_generator import (
     DISTORTION_TYPES,
     SyntheticDegradation,
     select_levels,
 )
+
+DEGRADATIONS = ("original", "arniqa")
+DEGRADE_ON = ("auto", "device", "worker")
+JPEG_ON = ("worker", "cuda")
+
+
+def resolve_degrade_on(degrade_on, device):
+    """``--degrade_on auto`` -> ``'device'`` on a CUDA device, ``'worker'`` on the CPU (where the batched
+    device path is no faster than the workers and takes the training process's cores)."""
+    if degrade_on not in DEGRADE_ON:
+        raise UserError(f"--degrade_on '{degrade_on}' is not one of {', '.join(DEGRADE_ON)}")
+    if degrade_on != "auto":
+        return degrade_on
+    return "device" if torch.device(device).type == "cuda" else "worker"
 
 
 def list_image_dir(image_dir):
@@ -51,24 +79,39 @@ def pil_to_uint8_tensor(image):
 
 
 class PretrainDataset(Dataset):
-    """Clean images -> two overlapping crops at L degradation levels of one distortion type.
+    """Clean images -> two overlapping crops at L degradation levels (module docstring).
 
     ``resize``: shorter side of each clean image before cropping (0 = native size); the CLI passes
     ``--resize`` (384 by default, the scale Stage 2 and the zero-shot evaluation use).
+    ``distortion_types``: the original model's types; ``arniqa_groups`` / ``max_distortions``: the
+    ARNIQA model's groups (default all) and composition length (default ARNIQA's 4, at most the
+    number of groups).
     """
 
     def __init__(self, image_paths, crop_size=224, distortion_types=DISTORTION_TYPES, num_levels=5,
-                 degrade_on="device", seed=0, resize=0):
+                 degrade_on="device", seed=0, resize=0, *, degradations="original", arniqa_groups=None,
+                 max_distortions=None, jpeg_on="worker"):
         if degrade_on not in ("device", "worker"):
-            raise UserError(f"--degrade_on '{degrade_on}' is not one of device, worker")
+            raise UserError(f"--degrade_on '{degrade_on}' is not one of device, worker (resolve auto first)")
+        if degradations not in DEGRADATIONS:
+            raise UserError(f"--degradations '{degradations}' is not one of {', '.join(DEGRADATIONS)}")
+        if jpeg_on not in JPEG_ON:
+            raise UserError(f"--jpeg_on '{jpeg_on}' is not one of {', '.join(JPEG_ON)}")
+        if jpeg_on == "cuda" and degrade_on == "worker":
+            raise UserError("--jpeg_on cuda needs --degrade_on device (or auto on a CUDA device)")
         self.image_paths = list(image_paths)
         self.crop_size = crop_size
         self.resize = resize
+        self.degradations = degradations
         self.distortion_types = list(distortion_types)
         self.type_ids = [DISTORTION_TYPES.index(t) for t in self.distortion_types]
         self.levels = select_levels(num_levels)
         self.degraders = {t: SyntheticDegradation(t, num_levels) for t in self.distortion_types}
+        if degradations == "arniqa":
+            self.arniqa_groups, self.max_distortions = arniqa.composition_settings(arniqa_groups, max_distortions,
+                                                                                   crop_size)
         self.degrade_on = degrade_on
+        self.jpeg_on = jpeg_on
         self.seed = seed
         self.epoch = 0
 
@@ -79,27 +122,55 @@ class PretrainDataset(Dataset):
     def __len__(self):
         return len(self.image_paths)
 
-    def _needs_worker_degradation(self, dist_type):
-        return self.degrade_on == "worker" or dist_type == "jpeg"
+    def _needs_worker_degradation(self, distortion_type):
+        return self.degrade_on == "worker" or (distortion_type == "jpeg" and self.jpeg_on == "worker")
 
-    def __getitem__(self, index):
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+    def _crops(self, rng, index):
+        """The two overlapping clean crops of image ``index`` (PIL), offsets drawn from ``rng``."""
         image = resize_for_crops(load_rgb(self.image_paths[index]), self.resize, self.crop_size)
         w, h = image.size
         xs, ys = overlapping_offsets(rng, w, self.crop_size), overlapping_offsets(rng, h, self.crop_size)
+        return [image.crop((x, y, x + self.crop_size, y + self.crop_size)) for x, y in zip(xs, ys)]
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        crops = self._crops(rng, index)
+        if self.degradations == "arniqa":
+            return self._arniqa_item(rng, crops, index)
         choice = int(rng.integers(len(self.distortion_types)))
-        dist_type = self.distortion_types[choice]
+        distortion_type = self.distortion_types[choice]
         views = []
-        for x, y in zip(xs, ys):
-            crop = image.crop((x, y, x + self.crop_size, y + self.crop_size))
-            if self._needs_worker_degradation(dist_type):
-                degrader = self.degraders[dist_type]
+        for crop in crops:
+            if self._needs_worker_degradation(distortion_type):
+                degrader = self.degraders[distortion_type]
                 degrader.rng = rng
                 views.append(torch.stack([pil_to_uint8_tensor(im) for im in degrader(crop)]))
             else:
                 views.append(pil_to_uint8_tensor(crop).unsqueeze(0).expand(len(self.levels), -1, -1, -1))
         return {
             "crops": torch.stack(views),
-            "dist_type": self.type_ids[choice],
+            "distortion_type": self.type_ids[choice],
             "index": index,
         }
+
+    def worker_steps(self, composition):
+        """How many leading steps of ``composition`` the worker applies (module docstring)."""
+        steps = int((composition != arniqa.NO_DISTORTION).sum())
+        if self.degrade_on == "worker":
+            return steps
+        on_cpu = [s for s in range(steps) if arniqa.DISTORTIONS[composition[s]] in arniqa.CODECS
+                  and not (arniqa.DISTORTIONS[composition[s]] == "jpeg" and self.jpeg_on == "cuda")]
+        return on_cpu[-1] + 1 if on_cpu else 0
+
+    def _arniqa_item(self, rng, crops, index):
+        composition = arniqa.draw_composition(rng, self.arniqa_groups, self.max_distortions)
+        steps = self.worker_steps(composition)
+        clean = torch.stack([pil_to_uint8_tensor(crop) for crop in crops])
+        views = clean.unsqueeze(1).expand(-1, len(self.levels), -1, -1, -1)
+        if steps:
+            generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            done = torch.where(torch.arange(len(composition)) < steps, composition, arniqa.NO_DISTORTION)
+            degraded = arniqa.distort_compositions(views.unsqueeze(0).float() / 255, done.unsqueeze(0),
+                                                   [level + 1 for level in self.levels], generator)
+            views = (degraded[0] * 255).round().to(torch.uint8)
+        return {"crops": views, "composition": composition, "worker_steps": steps, "index": index}

@@ -446,7 +446,7 @@ def test_prepare_batch_shares_the_noise_field_across_levels():
 
     levels = [0, 2, 4]
     crops = torch.full((2, 2, len(levels), 3, 32, 32), int(GREY), dtype=torch.uint8)  # 2 images × 2 crops
-    batch = {"crops": crops, "dist_type": torch.tensor([NOISE, NOISE])}
+    batch = {"crops": crops, "distortion_type": torch.tensor([NOISE, NOISE])}
     args = argparse.Namespace(degrade_on="device", channels_last=False)
     images, shape = prepare_batch(batch, levels, args, torch.device("cpu"), torch.Generator().manual_seed(0))
     assert shape == (2, 2, 3)

@@ -210,3 +210,39 @@ def test_cli_logs_spread_and_level_ranking_of_the_saved_encoder(tmp_path, text_f
     expected = level_ranking_accuracy(model.train(), text, chosen, ["blur", "noise"], crop_size=64, resize=80,
                                       batch_size=8, seed=7, progress=False)
     assert results["level_ranking_accuracy"] == expected
+
+
+# ----------------------------------------------------------------------------- ARNIQA's groups
+
+def test_arniqa_ladders_are_one_distortion_of_the_group_at_levels_1_to_5(photos):
+    from qualiclip_pretrain import arniqa
+    from qualiclip_pretrain.diagnostics import degradation_ladders
+
+    groups = ["brightness_change", "sharpness_contrast"]  # deterministic distortions: recomputable by hand
+    chosen = set()
+    for index in range(6):
+        ladders = degradation_ladders(photos[index % 3], groups, 96, 64, (0, index), "arniqa")
+        clean = ladders[0, 0]
+        assert ladders.shape == (2, 6, 3, 64, 64) and torch.equal(ladders[1, 0], clean)
+        for group, ladder in zip(groups, ladders):
+            matches = [name for name in arniqa.DISTORTION_GROUPS[group]
+                       if all(torch.equal(ladder[level], (arniqa.distort(clean.float() / 255, name, level) * 255)
+                                          .round().to(torch.uint8)) for level in range(1, 6))]
+            assert len(matches) == 1, (group, matches)
+            chosen.add(matches[0])
+    assert len(chosen) > 2  # the choice in the group varies with the image
+
+
+def test_arniqa_level_ranking_is_per_group(photos):
+    from qualiclip_pretrain import arniqa
+
+    groups = list(arniqa.DISTORTION_GROUPS)
+    acc = accuracy(ScalarQuality(sharpness), photos, groups, degradations="arniqa")
+    assert set(acc) == {*groups, "overall"}
+    assert acc["overall"] == pytest.approx(np.mean([acc[g] for g in groups]))
+    # Every blur lowers the mean |Laplacian| with its level (level 1 of gaublur/motionblur is (almost) the
+    # identity: at most one tie of 15 pairs per image); every noise raises it at every level.
+    assert acc["blur"] >= 14.5 / 15
+    assert acc["noise"] == 0.0
+    constant = accuracy(ScalarQuality(lambda x: torch.zeros(x.shape[0])), photos, groups, degradations="arniqa")
+    assert constant == {**{g: 0.5 for g in groups}, "overall": 0.5}

@@ -52,7 +52,7 @@ def test_two_crops_overlap_and_share_type(tmp_path):
             expected = torch.from_numpy(array[y:y + CROP, x:x + CROP]).permute(2, 0, 1)
             # device mode leaves blur/noise rows clean for the batched path: every level is the crop
             assert all(torch.equal(level, expected) for level in view)
-        seen_types.add(DISTORTION_TYPES[item["dist_type"]])
+        seen_types.add(DISTORTION_TYPES[item["distortion_type"]])
     assert seen_types == {"blur", "noise"}
 
 
@@ -87,7 +87,7 @@ def test_normalisation_happens_after_degradation(tmp_path):
     dataset = PretrainDataset([str(tmp_path / "img.png")], crop_size=CROP, distortion_types=["brightness"],
                               num_levels=5)
     item = dataset[0]
-    batch = {"crops": item["crops"].unsqueeze(0), "dist_type": torch.tensor([item["dist_type"]])}
+    batch = {"crops": item["crops"].unsqueeze(0), "distortion_type": torch.tensor([item["distortion_type"]])}
     args = argparse.Namespace(degrade_on="device", channels_last=False)
     images, shape = prepare_batch(batch, [0, 1, 2, 3, 4], args, torch.device("cpu"), torch.Generator())
     assert shape == (1, 2, 5) and images.shape == (10, 3, CROP, CROP)
