@@ -155,12 +155,12 @@ class PretrainDataset(Dataset):
 
     def worker_steps(self, composition):
         """How many leading steps of ``composition`` the worker applies (module docstring)."""
-        steps = int((composition != arniqa.NO_DISTORTION).sum())
+        names = [arniqa.DISTORTIONS[i] for i in composition.tolist() if i != arniqa.NO_DISTORTION]
         if self.degrade_on == "worker":
-            return steps
-        on_cpu = [s for s in range(steps) if arniqa.DISTORTIONS[composition[s]] in arniqa.CODECS
-                  and not (arniqa.DISTORTIONS[composition[s]] == "jpeg" and self.jpeg_on == "cuda")]
-        return on_cpu[-1] + 1 if on_cpu else 0
+            return len(names)
+        on_cpu = [name for name in arniqa.CODECS if not (name == "jpeg" and self.jpeg_on == "cuda")]
+        codec_steps = [step for step, name in enumerate(names) if name in on_cpu]
+        return codec_steps[-1] + 1 if codec_steps else 0
 
     def _arniqa_item(self, rng, crops, index):
         composition = arniqa.draw_composition(rng, self.arniqa_groups, self.max_distortions)

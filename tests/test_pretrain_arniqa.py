@@ -160,6 +160,26 @@ def test_batched_images_and_worker_codecs_equal_distort_by_hand(image_path):
         assert torch.equal(worker_item["crops"].float(), expected)
 
 
+def test_worker_steps_end_at_the_codec_the_workers_compute(image_path):
+    def composition(*names):
+        out = torch.full((7,), arniqa.NO_DISTORTION)
+        out[:len(names)] = torch.tensor([arniqa.DISTORTIONS.index(name) for name in names])
+        return out
+
+    def steps(names, **kw):
+        dataset = PretrainDataset([image_path], CROP, degradations="arniqa", **kw)
+        return dataset.worker_steps(composition(*names))
+
+    assert steps(["gaublur", "jpeg", "whitenoise"]) == 2
+    assert steps(["gaublur", "jpeg2000"]) == 2
+    assert steps(["gaublur", "whitenoise"]) == 0
+    assert steps(["gaublur", "jpeg", "whitenoise"], jpeg_on="cuda") == 0  # nvjpeg on the device
+    assert steps(["gaublur", "jpeg2000", "whitenoise"], jpeg_on="cuda") == 2
+    assert steps(["gaublur", "jpeg", "whitenoise"], degrade_on="worker") == 3
+    with pytest.raises(UserError, match="--jpeg_on cuda needs --degrade_on device"):
+        PretrainDataset([image_path], CROP, degrade_on="worker", jpeg_on="cuda")
+
+
 def test_levels_share_their_random_draws():
     """White noise on mid-grey: every level is the same unit field times its own standard deviation."""
     grey = torch.full((2, 5, 3, 32, 32), 0.5)
