@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench.py
+
+# Every CUDA path of both stages, and the GPU figures (bench/gpu_check.py, within a budget of 8 minutes).
+# On a GPU machine whose python3 already holds the requirements: make gpu-check PYTHON_GPU=python3
+PYTHON_GPU ?= $(PY)
+gpu-check:
+	HF_HUB_OFFLINE=1 $(PYTHON_GPU) bench/gpu_check.py --device cuda
 
 clean:
 	rm -rf $(VENV) runs checkpoints results demo_data bench/results

@@ -1,6 +1,10 @@
-"""DDP from torchrun's environment variables (RANK, WORLD_SIZE, LOCAL_RANK) and the few collectives
-the scripts use.  Every helper is the identity (or a no-op) in a single process, so callers never
-branch on whether they run distributed."""
+"""DDP from torchrun's environment variables and the few collectives the scripts use.
+
+One node or several (``torchrun --nnodes N --node_rank R --master_addr HOST``, or a rendezvous
+endpoint): ``RANK`` is the global rank (rank 0 alone writes the run directory), ``LOCAL_RANK``
+picks this process's GPU on its node, ``LOCAL_WORLD_SIZE`` is the number of processes on it.
+Every helper is the identity (or a no-op) in a plain single process, so callers never branch on
+whether they run distributed."""
 import os
 from dataclasses import dataclass
 
@@ -9,6 +13,9 @@ import torch.distributed as dist
 
 from iqa.runtime import resolve_device
 
+# Set by torchrun (also for a single process); absent when a script is started with plain python.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
 
 @dataclass
 class DistInfo:
@@ -16,10 +23,14 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 1
+    # Under torchrun the process group is up even for one process, so ``torchrun --nproc_per_node=1``
+    # runs the DDP code path (and NCCL on a GPU) exactly as a multi-GPU launch does.
+    torchrun: bool = False
 
     @property
     def enabled(self):
-        return self.world_size > 1
+        return self.world_size > 1 or self.torchrun
 
     @property
     def is_main(self):
@@ -27,21 +38,27 @@ class DistInfo:
 
 
 def init_distributed(device_flag="auto"):
-    """Set up DDP from torchrun's variables; a single process otherwise."""
+    """Set up DDP from torchrun's variables (one or several nodes); a single process otherwise."""
+    torchrun = all(name in os.environ for name in TORCHRUN_VARIABLES)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     device = resolve_device(device_flag, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    if (torchrun or world_size > 1) and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        if rank == 0:
+            print(f"distributed: {world_size} process(es), {local_world_size} on this node, backend {backend}",
+                  flush=True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                    local_world_size=local_world_size, torchrun=torchrun)
 
 
 def cleanup_distributed():
