@@ -3,11 +3,15 @@
     python cross_dataset_test.py --checkpoint runs/train_swin_koniq-10k_base_*/best.pt \\
         --datasets spaq=/data/spaq kadid-10k=/data/kadid10k agiqa-3k=/data/AGIQA-3K
 
-Each checkpoint is loaded by ``iqa.scoring.load_scorer`` (a ``train_swin.py`` best.pt/last.pt, or a
-Stage-1 ``.pkl`` scored zero-shot) and every image of every dataset (all splits) is scored with
-the same evaluation code as training (``iqa.evaluation.evaluate``).  Output JSON:
-``{checkpoint: {dataset: {srcc, plcc, plcc_logistic, krcc, rmse_logistic, n}}}``; works under
-torchrun.  The RMSE is taken after the 4-parameter logistic mapping onto each dataset's MOS (the
+Each checkpoint is loaded by ``iqa.scoring.load_scorer`` (a ``train_swin.py`` best.pt/last.pt, a
+Stage-1 ``.pkl`` scored zero-shot, or QualiCLIP's released ``qualiclip.pth``) and every image of
+every dataset (all splits) is scored with the same evaluation code as training
+(``iqa.evaluation.evaluate``); CLIP image encoders (the release, ``--encoder clip`` .pkl files) are
+scored as QualiCLIP's inference, on the whole image at full resolution, in one process.  Output JSON:
+``{checkpoint: {dataset: {srcc, plcc, plcc_logistic, krcc, rmse_logistic, n}}}``, and the printed
+table as Markdown beside it (``.md``), whose "MOS training" column marks the opinion-unaware
+checkpoints (Stage-1 encoders and the release: never trained on any MOS); works under torchrun.
+The RMSE is taken after the 4-parameter logistic mapping onto each dataset's MOS (the
 checkpoint's scores are on another scale, so there is no raw RMSE), and the scatter plots show
 the checkpoint's own scores.
 """
@@ -18,18 +22,21 @@ from iqa.evaluation import evaluate, make_eval_set, parse_dataset_specs
 from iqa import plots
 from iqa.datasets import read_index
 from iqa.distributed import broadcast_object, cleanup_distributed, init_distributed
-from iqa.runtime import UserError, amp_dtype, atomic_write_json, run_cli, timestamp
+from iqa.metrics import all_metrics
+from iqa.runtime import UserError, amp_dtype, atomic_write_json, atomic_write_text, run_cli, timestamp
 from iqa.scoring import add_scoring_arguments, check_new_output, check_scoring_arguments, load_scorer
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Cross-dataset evaluation of Swin-HyperIQA checkpoints", add_help=True)
+    parser = argparse.ArgumentParser("Cross-dataset evaluation of Swin-HyperIQA checkpoints and Stage-1 encoders",
+                                     add_help=True)
     parser.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH",
-                        help="train_swin.py best.pt / last.pt, or a Stage-1 .pkl (zero-shot)")
+                        help="train_swin.py best.pt / last.pt, a Stage-1 .pkl (zero-shot) or QualiCLIP's qualiclip.pth")
     parser.add_argument("--datasets", nargs="+", required=True, metavar="NAME=ROOT",
                         help="datasets to score whole, e.g. spaq=/data/spaq kadid-10k=/data/kadid10k")
     parser.add_argument("--resize", type=int, default=None,
-                        help="shorter side before cropping (default: the checkpoint's)")
+                        help="shorter side before cropping (default: the checkpoint's; CLIP encoders: 0, full "
+                             "resolution)")
     add_scoring_arguments(parser)
     parser.add_argument("--output", default=None,
                         help="JSON path (default: cross_dataset_<timestamp>.json beside the first checkpoint)")
@@ -42,11 +49,37 @@ def checkpoint_label(path):
     return f"{os.path.basename(os.path.dirname(path))}_{os.path.splitext(os.path.basename(path))[0]}"
 
 
-def print_table(results, names):
-    width = max(len(c) for c in results)
-    print(f"{'checkpoint':<{width}}  " + "  ".join(f"{n + ' SRCC/PLCC':>24}" for n in names))
+def mos_training(scorer):
+    """The table's "MOS training" cell: a Stage-2 model learnt MOS; a zero-shot scorer never saw any."""
+    return "yes (Stage 2)" if scorer.mos_bounds is not None else "none (opinion-unaware)"
+
+
+def results_table(results, names, training):
+    """SRCC / PLCC per checkpoint (rows) and dataset (columns), as Markdown lines."""
+    lines = ["| checkpoint | MOS training | " + " | ".join(f"{n} SRCC/PLCC" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
     for ckpt, row in results.items():
-        print(f"{ckpt:<{width}}  " + "  ".join(f"{row[n]['srcc']:>11.4f} / {row[n]['plcc']:<10.4f}" for n in names))
+        lines.append(f"| {ckpt} | {training[ckpt]} | "
+                     + " | ".join(f"{row[n]['srcc']:.4f} / {row[n]['plcc']:.4f}" for n in names) + " |")
+    if any(label.startswith("none") for label in training.values()):
+        lines += ["", "opinion-unaware: scored zero-shot against the checkpoint's prompts; no MOS of any dataset "
+                      "was used to train it."]
+    return lines
+
+
+def evaluate_scorer(scorer, eval_set, dist_info, opts):
+    """``iqa.evaluation.evaluate`` for crop scorers; a whole-image scorer scores its images in this process."""
+    if scorer.patch_size is not None:
+        return evaluate(scorer.score, eval_set, dist_info, opts)
+    if dist_info.enabled:
+        raise UserError(f"a {scorer.kind} checkpoint is scored on whole images in one process; run "
+                        f"cross_dataset_test.py without torchrun for it")
+    pred = scorer.score_images(eval_set.images, opts, progress=True).numpy()
+    try:
+        return all_metrics(pred, [s.mos for s in eval_set.samples]), pred
+    except ValueError as err:
+        raise UserError(f"'{eval_set.name}': {err} (the checkpoint's model diverged or overflowed; use "
+                        f"--amp off or another checkpoint)") from None
 
 
 def run(args, dist_info):
@@ -57,20 +90,21 @@ def run(args, dist_info):
     check_new_output(output)
     samples = {name: read_index(name, root) for name, root in specs.items()}  # every annotation checked first
     amp = amp_dtype(args.amp, dist_info.device)
-    eval_sets, results, plots_to_write = {}, {}, []
+    eval_sets, results, training, plots_to_write = {}, {}, {}, []
     for ckpt in args.checkpoint:
         scorer = load_scorer(ckpt, dist_info.device)
         scorer.resize = scorer.resize if args.resize is None else args.resize
-        scorer.test_patch_num = args.test_patch_num or scorer.test_patch_num
-        if scorer.resize and scorer.resize < scorer.patch_size:
-            raise UserError(f"--resize {scorer.resize} is smaller than the checkpoint's patch size {scorer.patch_size}")
+        if scorer.patch_size is not None:  # whole-image scorers have no crops
+            scorer.test_patch_num = args.test_patch_num or scorer.test_patch_num
+        if scorer.resize and scorer.resize < scorer.min_side:
+            raise UserError(f"--resize {scorer.resize} is smaller than the checkpoint's patch size {scorer.min_side}")
         opts = scorer.options(args.batch_size, amp, args.num_workers)
-        results[ckpt] = {}
+        results[ckpt], training[ckpt] = {}, mos_training(scorer)
         for name in specs:
-            key = (name, scorer.resize, scorer.patch_size)
+            key = (name, scorer.resize, scorer.min_side)
             if key not in eval_sets:  # decoded once, shared by checkpoints with the same settings
-                eval_sets[key] = make_eval_set(name, samples[name], scorer.resize, scorer.patch_size, dist_info)
-            metrics, pred = evaluate(scorer.score, eval_sets[key], dist_info, opts)
+                eval_sets[key] = make_eval_set(name, samples[name], scorer.resize, scorer.min_side, dist_info)
+            metrics, pred = evaluate_scorer(scorer, eval_sets[key], dist_info, opts)
             results[ckpt][name] = metrics
             plots_to_write.append((ckpt, name, pred))
     if dist_info.is_main:  # all outputs at the end: a bad later checkpoint leaves nothing half-written
@@ -78,9 +112,11 @@ def run(args, dist_info):
             png = f"{os.path.splitext(output)[0]}_{checkpoint_label(ckpt)}_{name}.png"
             plots.plot_scatter(pred, [s.mos for s in samples[name]], png, title=f"{ckpt} on {name}",
                                metrics=results[ckpt][name])
-        print_table(results, list(specs))
+        table = "\n".join(results_table(results, list(specs), training)) + "\n"
+        print(table, end="")
         atomic_write_json(output, results)
-        print(f"wrote {output}")
+        atomic_write_text(f"{os.path.splitext(output)[0]}.md", table)
+        print(f"wrote {output} and its table {os.path.splitext(output)[0]}.md")
     return results
 
 

@@ -4,7 +4,7 @@
     scores = scorer(images)        # (N, 3, H, W) RGB in [0, 1], or a list of (3, H, W) -> (N,) scores in [0, 1]
     mos = scorer.to_mos(scores)    # on the training dataset's MOS scale
 
-Each entry point loads a local file (nothing is downloaded) and refuses a file of the other kind.
+Each entry point loads a local file (nothing is downloaded) and refuses a file of another kind.
 """
 from iqa.scoring import load_scorer
 
@@ -22,3 +22,15 @@ def qualiclip_swin_encoder(checkpoint, device="cpu"):
     """Stage-1 QualiCLIP-style Swin encoder of a ``pretrain_qualiclip.py`` .pkl -> ``Scorer`` giving the
     zero-shot score in [0, 1] (probability of the positive prompt); no MOS scale."""
     return load_scorer(checkpoint, device, kind="qualiclip_swin_encoder")
+
+
+def qualiclip_clip_encoder(checkpoint, device="cpu"):
+    """Stage-1 CLIP image encoder of a ``pretrain_qualiclip.py --encoder clip`` .pkl -> ``Scorer`` giving
+    QualiCLIP's score in [0, 1] on the whole image (mean over the prompt pairs); no MOS scale."""
+    return load_scorer(checkpoint, device, kind="qualiclip_clip_encoder")
+
+
+def qualiclip_release(checkpoint, device="cpu"):
+    """QualiCLIP's released ``qualiclip.pth`` (a local copy) -> ``Scorer`` computing its inference: the
+    whole image, CLIP RN50 without the attention pool's positional embedding, the 7 prompt pairs."""
+    return load_scorer(checkpoint, device, kind="qualiclip_release")

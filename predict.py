@@ -6,8 +6,10 @@
 
 A ``train_swin.py`` checkpoint gives ``score``, the model's output on its [0, 1] training scale,
 and ``mos``, that score mapped onto the training dataset's MOS range.  A Stage-1 ``.pkl`` gives
-the zero-shot ``score`` in [0, 1] (probability of the positive prompt) and no ``mos``.  Each
-image is scored by ``iqa.scoring`` exactly as evaluation scores it (mean over grid crops).
+the zero-shot ``score`` in [0, 1] (probability of the positive prompt) and no ``mos``; so does
+QualiCLIP's released ``qualiclip.pth``.  Each image is scored by ``iqa.scoring`` exactly as
+evaluation scores it (mean over grid crops; CLIP image encoders, the release included: the whole
+image at full resolution, as QualiCLIP's inference).
 
 For large folders (searched recursively): images are decoded and scored ``--chunk_size`` at a
 time and each chunk's rows are appended to ``--output`` (flushed to disk) as soon as it is done,
@@ -32,7 +34,8 @@ RESUME_CHECKED = ("checkpoint", "resize", "patch_size", "test_patch_num")  # set
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Score images with a Stage-2 checkpoint or a Stage-1 encoder", add_help=True)
-    parser.add_argument("--checkpoint", required=True, help="train_swin.py best.pt / last.pt, or a Stage-1 .pkl")
+    parser.add_argument("--checkpoint", required=True,
+                        help="train_swin.py best.pt / last.pt, a Stage-1 .pkl or QualiCLIP's qualiclip.pth")
     parser.add_argument("--input", required=True, help="an image file or a folder (searched recursively)")
     parser.add_argument("--output", required=True,
                         help="CSV to write (image, score[, mos]); must not exist yet unless --resume")
@@ -110,7 +113,8 @@ def main(args):
     files = list_inputs(args.input)
     device = resolve_device(args.device)
     scorer = load_scorer(args.checkpoint, device)
-    scorer.test_patch_num = args.test_patch_num or scorer.test_patch_num
+    if scorer.patch_size is not None:  # whole-image scorers have no crops
+        scorer.test_patch_num = args.test_patch_num or scorer.test_patch_num
     header = ["image", "score"] + (["mos"] if scorer.mos_bounds else [])
     settings = {"checkpoint": os.path.abspath(args.checkpoint), "kind": scorer.kind, "resize": scorer.resize,
                 "patch_size": scorer.patch_size, "test_patch_num": scorer.test_patch_num,

@@ -25,11 +25,12 @@ from iqa.evaluation import make_eval_set
 from iqa.metrics import all_metrics
 from iqa.patches import DEFAULT_RESIZE, decode_threads, verify_images
 from iqa.plots import plot_scatter, plot_training_curves
-from iqa.runtime import UserError
+from iqa.runtime import UserError, safe_load
 from iqa.training_run import (
     ScalarLog, check_finite_weights, read_training_state, resolve_resume, restore_training_state, save_training_state,
     tensorboard_writer_class, training_state,
 )
+from models.clip_image_encoder import ClipImageEncoder, is_release
 from models.clip_text import PROMPT_SETS, compute_text_features, load_text_features
 from models.quality_encoder import QualityEncoder
 from models.swin_backbone import MODEL_SIZES
@@ -42,6 +43,8 @@ from qualiclip_pretrain.engine import (
 )
 from qualiclip_pretrain.pretrain_dataset import DEGRADATIONS, DEGRADE_ON, JPEG_ON, PretrainDataset, resolve_degrade_on
 from qualiclip_pretrain.qualiclip_loss import build_loss
+
+ENCODERS = ("swin", "clip")
 
 
 def get_args_parser():
@@ -95,20 +98,30 @@ def get_args_parser():
                            "(0: skip it)")
 
     model = p.add_argument_group("model")
-    model.add_argument("--model_size", choices=MODEL_SIZES, default="base")
+    model.add_argument("--encoder", choices=ENCODERS, default="swin",
+                       help="swin: Swin + projection head into the CLIP text space; clip: fine-tune the image tower "
+                            "of --clip_model (QualiCLIP)")
+    model.add_argument("--model_size", choices=MODEL_SIZES, default="base", help="Swin size (--encoder swin)")
     model.add_argument("--backbone_weights", default=None, help="local timm Swin state dict (.pth/.safetensors)")
+    model.add_argument("--init_from", default=None, metavar="FILE",
+                       help="--encoder clip: start from this image tower, QualiCLIP's released qualiclip.pth (whose "
+                            "prompt features are then the anchors of --prompt_set qualiclip) or a CLIP Stage-1 .pkl")
     model.add_argument("--no_imagenet_pretrained", dest="imagenet_pretrained", action="store_false",
-                       help="random-init Swin")
+                       help="random-init Swin, or with --encoder clip a random-init image tower")
     model.add_argument("--drop_path_rate", type=float, default=0.1)
     model.add_argument("--proj_hidden", type=int, default=None, help="projection MLP width (default: Swin width)")
 
     text = p.add_argument_group("text anchors")
-    text.add_argument("--prompt_set", choices=tuple(PROMPT_SETS), default="good_bad",
-                      help="good_bad: 'Good photo.'/'Bad photo.' (alias: seed); qualiclip: QualiCLIP's 7 pairs")
-    text.add_argument("--clip_model", default="RN50", help="open_clip model name of the frozen text tower")
+    text.add_argument("--prompt_set", choices=tuple(PROMPT_SETS), default=None,
+                      help="good_bad: 'Good photo.'/'Bad photo.' (alias: seed); qualiclip: QualiCLIP's 7 pairs "
+                           "(default: good_bad with --encoder swin, qualiclip with --encoder clip)")
+    text.add_argument("--clip_model", default="RN50",
+                      help="open_clip model name of the frozen text tower (and with --encoder clip of the image "
+                           "tower, a ResNet one)")
     text.add_argument("--clip_weights", default=None, help="local CLIP weights (OpenAI RN50.pt or a state dict)")
     text.add_argument("--text_features", default=None,
-                      help="(2, D) tensor file or an earlier Stage-1 .pkl; skips CLIP entirely")
+                      help="(2, D) or (P, 2, D) tensor file, an earlier Stage-1 .pkl or qualiclip.pth; skips CLIP "
+                           "entirely")
 
     loss = p.add_argument_group("loss")
     loss.add_argument("--loss_type", choices=("simplified", "full"), default="simplified")
@@ -152,6 +165,7 @@ def get_args_parser():
 
 def check_args(args):
     """Validate and complete the flags of a new run (in place)."""
+    check_encoder_args(args)
     args.distortion_types = parse_distortion_types(args.distortion_types)
     select_levels(args.num_levels)
     if args.degradations == "arniqa":
@@ -188,11 +202,48 @@ def check_args(args):
         tensorboard_writer_class()
 
 
+def check_encoder_args(args):
+    """The encoder flags of a new run: --prompt_set's default follows --encoder; what only one encoder takes."""
+    if args.prompt_set is None:
+        args.prompt_set = "qualiclip" if args.encoder == "clip" else "good_bad"
+    if args.encoder == "swin" and args.init_from:
+        raise UserError("--init_from starts a CLIP image tower; pass --encoder clip (a Swin starts from "
+                        "--backbone_weights)")
+    if args.encoder == "clip" and args.backbone_weights:
+        raise UserError("--backbone_weights is a Swin state dict; with --encoder clip pass --clip_weights or --init_from")
+    if args.init_from and not args.imagenet_pretrained:
+        raise UserError("--init_from and --no_imagenet_pretrained contradict each other; pass one of them")
+
+
 def load_anchors(args):
-    """(2, D) text anchors: from --text_features, or from the frozen CLIP text tower once."""
+    """Text anchors: from --text_features; for --encoder clip --init_from QualiCLIP's release with
+    --prompt_set qualiclip, the release's own prompt features; else from the frozen CLIP text tower,
+    once: (2, D) per-polarity means for the Swin encoder, (P, 2, D) every pair for the CLIP one."""
     if args.text_features:
         return load_text_features(args.text_features), [["<from --text_features>", args.text_features]]
-    return compute_text_features(args.prompt_set, args.clip_model, args.clip_weights)
+    if args.init_from and args.prompt_set == "qualiclip" and is_release(safe_load(args.init_from, "--init_from")):
+        return load_text_features(args.init_from), PROMPT_SETS["qualiclip"]
+    return compute_text_features(args.prompt_set, args.clip_model, args.clip_weights, per_pair=args.encoder == "clip")
+
+
+def build_encoder(args, text_dim):
+    """The encoder to train: Swin + projection head, or the CLIP image tower (whose features must have the
+    text anchors' dimension, having no projection head)."""
+    if args.encoder == "swin":
+        return QualityEncoder(
+            args.model_size, text_dim=text_dim, imagenet_pretrained=args.imagenet_pretrained,
+            backbone_weights=args.backbone_weights, proj_hidden=args.proj_hidden, drop_path_rate=args.drop_path_rate,
+            img_size=args.crop_size,
+        )
+    encoder = ClipImageEncoder.create(args.clip_model, args.clip_weights, args.imagenet_pretrained, args.init_from)
+    if encoder.output_dim != text_dim:
+        raise UserError(f"the {encoder.clip_model} image tower gives {encoder.output_dim}-d features but the text "
+                        f"anchors are {text_dim}-d; pass anchors of the same CLIP model")
+    return encoder
+
+
+def encoder_name(args):
+    return f"CLIP {args.clip_model}" if args.encoder == "clip" else f"Swin-{args.model_size}"
 
 
 def default_save_dir():
@@ -201,7 +252,8 @@ def default_save_dir():
 
 def encoder_pkl_path(save_dir, args, epoch=None):
     suffix = "" if epoch is None else f"_epoch{epoch}"
-    return os.path.join(save_dir, f"swin_{args.model_size}_qualiclip_pretrained{suffix}.pkl")
+    name = f"clip_{args.clip_model}" if args.encoder == "clip" else f"swin_{args.model_size}"
+    return os.path.join(save_dir, f"{name}_qualiclip_pretrained{suffix}.pkl")
 
 
 # ----------------------------------------------------------------------------- output
@@ -257,11 +309,7 @@ def train(args, dist_info):
     text_features, prompts = load_anchors(args)
     device = dist_info.device
     amp = runtime.amp_dtype(args.amp, device)
-    encoder = QualityEncoder(
-        args.model_size, text_dim=text_features.shape[1], imagenet_pretrained=args.imagenet_pretrained,
-        backbone_weights=args.backbone_weights, proj_hidden=args.proj_hidden, drop_path_rate=args.drop_path_rate,
-        img_size=args.crop_size,
-    ).to(device)
+    encoder = build_encoder(args, text_features.shape[-1]).to(device)
     if args.channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     # The level ranking depends on the split only (--split_seed), never on the training seed.
@@ -369,7 +417,7 @@ def finish(encoder_ckpt, val_set, val_pred, history, args):
             results[key] = history[-1][key]
     if history:
         plot_training_curves(history, os.path.join(args.save_dir, "curves.png"),
-                             title=f"Stage-1 QualiCLIP pretraining (Swin-{args.model_size})")
+                             title=f"Stage-1 QualiCLIP pretraining ({encoder_name(args)})")
     if val_set is not None:
         mos = [s.mos for s in val_set.samples]
         results["zero_shot_val"] = all_metrics(val_pred, mos)

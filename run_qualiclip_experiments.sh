@@ -8,6 +8,8 @@
 #    --protocol hyperiqa: each seed is one HyperIQA round with its own split and its own Step 1)
 #   Step 3  cross-dataset evaluation of every fine-tuned model (cross_dataset_test.py)
 #   Step 4  results/<timestamp>/summary.md + summary.json + plots (tools/summarize_experiment.py)
+# --qualiclip instead runs QualiCLIP's recipe: Step 1 with the CLIP RN50 image encoder and ARNIQA's
+# degradations, then its opinion-unaware evaluation on every dataset (no MOS training, no Stage 2).
 # A failing step stops the pipeline and names its log.
 set -euo pipefail
 
@@ -36,6 +38,10 @@ usage: ./run_qualiclip_experiments.sh [options] [-- extra flags for every train_
                          part (pretrain/seed_k/) and the median over rounds in the summary
   --output DIR           results directory (default results/<timestamp>)
   --pretrain_args "..."  extra flags for pretrain_qualiclip.py (e.g. "--clip_weights RN50.pt")
+  --qualiclip            QualiCLIP's recipe only: Step 1 with --encoder clip --degradations arniqa,
+                         then cross_dataset_test.py on the encoder for every dataset found,
+                         KonIQ-10k included (opinion-unaware: no MOS training, no Stage 2);
+                         with --demo a random-init RN50 and random 1024-d anchors
   --python PY            interpreter (default: python)
   -h, --help             this help
 EOF
@@ -58,6 +64,7 @@ OUTPUT=""
 DEMO_DIR=""
 DEMO_SIZE=""
 PRETRAIN_ARGS=""
+QUALICLIP=0
 EXTRA=()
 SET_SIZE=0; SET_EP_PRE=0; SET_EP=0
 
@@ -81,6 +88,7 @@ while [ "$#" -gt 0 ]; do
     --output) need_value "$@"; OUTPUT=$2; shift 2 ;;
     --pretrain_args) need_value "$@"; PRETRAIN_ARGS=$2; shift 2 ;;
     --python) need_value "$@"; PY=$2; shift 2 ;;
+    --qualiclip) QUALICLIP=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; EXTRA+=("$@"); break ;;
     *) EXTRA+=("$1"); shift ;;
@@ -159,6 +167,14 @@ if [ "$MODEL_SIZE" = nano ]; then
   PRETRAIN_FLAGS+=(--no_imagenet_pretrained)
   FINETUNE_FLAGS+=(--no_imagenet_pretrained)
 fi
+if [ "$QUALICLIP" = 1 ]; then
+  # The demo's flags without its choice of original distortion types (arniqa draws from its groups).
+  CLIP_FLAGS=()
+  for FLAG in "${PRETRAIN_FLAGS[@]}"; do
+    case $FLAG in --distortion_types|blur|jpeg|noise|brightness) ;; *) CLIP_FLAGS+=("$FLAG") ;; esac
+  done
+  PRETRAIN_FLAGS=("${CLIP_FLAGS[@]}" --encoder clip --degradations arniqa)
+fi
 
 PROTOCOL_FLAGS=()
 EPOCH_FLAGS=(--epochs "$EPOCHS")
@@ -176,7 +192,23 @@ pretrain() {
     --epochs "$EPOCHS_PRETRAIN" "${PROTOCOL_FLAGS[@]}" --split_seed "$2" --save_dir "$3" "${PRETRAIN_FLAGS[@]}" \
     "${PRETRAIN_EXTRA[@]}"
   ENCODER="$3/swin_${MODEL_SIZE}_qualiclip_pretrained.pkl"
+  [ "$QUALICLIP" = 0 ] || ENCODER="$3/clip_RN50_qualiclip_pretrained.pkl"
 }
+
+if [ "$QUALICLIP" = 1 ]; then
+  pretrain pretrain "$SPLIT_SEED" "$OUTPUT/pretrain"
+  DATASETS=("koniq-10k=$DATA_ROOT")
+  for SPEC in "spaq=$SPAQ_ROOT" "kadid-10k=$KADID_ROOT" "agiqa-3k=$AGIQA_ROOT" "livec=$LIVEC_ROOT"; do
+    [ -d "${SPEC#*=}" ] && DATASETS+=("$SPEC")
+  done
+  QUALICLIP_FLAGS=()
+  [ "$DEMO" = 1 ] && QUALICLIP_FLAGS=(--num_workers 0)
+  run_step opinion_unaware "$PY" "$REPO/cross_dataset_test.py" --checkpoint "$ENCODER" --datasets "${DATASETS[@]}" \
+    --output "$OUTPUT/opinion_unaware.json" "${QUALICLIP_FLAGS[@]}"
+  echo "opinion-unaware table: $OUTPUT/opinion_unaware.md"
+  echo "results directory: $OUTPUT"
+  exit 0
+fi
 # ours: one Step 1 and one split for every seed; hyperiqa: a split and a Step 1 per seed (round).
 ROUND_FLAGS=(--split_seed "$SPLIT_SEED")
 [ "$PROTOCOL" = hyperiqa ] || pretrain pretrain "$SPLIT_SEED" "$OUTPUT/pretrain"

@@ -10,6 +10,9 @@
 A score is computed as evaluation computes it (``iqa.evaluation.predict_images``): the image as
 8-bit RGB, resized as the checkpoint says (PIL), cut into the checkpoint's grid crops,
 ImageNet-normalised, scored in eval mode under ``torch.inference_mode``, averaged over crops.
+CLIP image encoders (QualiCLIP's released ``qualiclip.pth`` and ``pretrain_qualiclip.py --encoder
+clip`` .pkl files) are scored as QualiCLIP's own inference scores: the whole image at full
+resolution (``patch_size`` None), no crops (``predict_whole_images``).
 
 What a file is comes from its content, not its name: ``CHECKPOINT_KINDS`` maps a kind's name to
 how it is recognised and built, and ``register_kind`` adds one (e.g. another release format,
@@ -28,8 +31,10 @@ from tqdm import tqdm
 
 from iqa.datasets import Sample
 from iqa.evaluation import EvalOptions, predict_images
-from iqa.patches import DEFAULT_RESIZE, decode_threads, load_resized, resized_size
-from iqa.runtime import UserError, check_writable_path, safe_load
+from iqa.patches import DEFAULT_RESIZE, decode_threads, load_resized, resized_size, to_model_input
+from iqa.runtime import UserError, autocast, check_writable_path, safe_load
+from models.clip_image_encoder import ENCODER_FORMAT as CLIP_ENCODER_FORMAT
+from models.clip_image_encoder import ClipImageEncoder, is_release
 from models.hyperiqa_swin import CHECKPOINT_FORMAT, HyperIQASwin
 from models.quality_encoder import ENCODER_FORMAT, QualityEncoder
 from models.swin_backbone import NATIVE_IMG_SIZE
@@ -37,6 +42,7 @@ from models.swin_backbone import NATIVE_IMG_SIZE
 DEFAULT_BATCH_SIZE = 64
 CHUNK_SIZE = 256          # images decoded at a time by score_paths, so a long list never sits in memory at once
 STAGE1_PATCH_NUM = 10     # grid crops of a Stage-1 .pkl whose args do not name eval_patch_num (train_swin's default)
+MIN_WHOLE_IMAGE_SIDE = 32  # whole-image scoring upscales a smaller image: a ResNet's total stride, one feature position
 
 
 def other_dataset_resize(resize):
@@ -52,6 +58,26 @@ def resize_rgb(image, resize, patch_size):
     if size != image.size:
         image = image.resize(size, Image.BILINEAR if isinstance(resize, (list, tuple)) else Image.BICUBIC)
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def predict_whole_images(score_fn, images, device, opts, progress=False, desc="score"):
+    """One score per whole uint8 image (no crops) -> (len(images),) float64 CPU tensor.  Images of one
+    size go through ``score_fn`` together, as many as hold the pixels of ``opts.batch_size`` 224×224
+    crops (at least one), so ``--batch_size`` bounds the memory as it does for crops."""
+    by_size = {}
+    for index, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape), []).append(index)
+    batches = []
+    for (_, height, width), indices in by_size.items():
+        per_batch = max(1, opts.batch_size * NATIVE_IMG_SIZE ** 2 // (height * width))
+        batches += [indices[start:start + per_batch] for start in range(0, len(indices), per_batch)]
+    scores = torch.empty(len(images), dtype=torch.float64)
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            x = to_model_input(torch.stack([images[i] for i in batch]), device, opts.channels_last)
+            with autocast(device, opts.amp):
+                scores[batch] = score_fn(x).double().cpu()
+    return scores
 
 
 class ZeroShotModel(nn.Module):
@@ -71,6 +97,7 @@ class Scorer:
 
     ``resize`` (shorter side, 0 = native, or a fixed [width, height]), ``patch_size`` and
     ``test_patch_num`` (grid crops per image) are plain attributes: change them to score otherwise.
+    ``patch_size`` None: the whole image is scored (no crops; ``test_patch_num`` is 1).
     ``mos_bounds``: the (lo, hi) training MOS range a Stage-2 score in [0, 1] stands for, else None.
     """
 
@@ -88,18 +115,25 @@ class Scorer:
         self.model.to(self.device)
         return self
 
+    @property
+    def min_side(self):
+        """The shortest side an image is resized to at least: the patch, or for whole images a ResNet's stride."""
+        return self.patch_size or MIN_WHOLE_IMAGE_SIDE
+
     def score(self, crops):
         """ImageNet-normalised N×3×S×S crops -> N scores (the callable ``iqa.evaluation.evaluate`` takes)."""
         return self.model(crops)
 
     def options(self, batch_size=DEFAULT_BATCH_SIZE, amp=None, num_workers=0):
-        """The ``EvalOptions`` of this scorer's crops; ``batch_size`` counts crops."""
+        """The ``EvalOptions`` of this scorer's crops; ``batch_size`` counts crops (whole images when
+        ``patch_size`` is None)."""
         return EvalOptions(self.test_patch_num, self.patch_size, batch_size, amp, num_workers=num_workers)
 
     def score_images(self, images, opts, progress=False):
         """Decoded, already resized uint8 3×H×W images -> (N,) float64 scores."""
         self.model.eval()
-        return predict_images(self.score, images, self.device, opts, progress=progress, desc="score")
+        predict = predict_whole_images if self.patch_size is None else predict_images
+        return predict(self.score, images, self.device, opts, progress=progress, desc="score")
 
     def __call__(self, images, batch_size=DEFAULT_BATCH_SIZE, amp=None):
         """``images``: an (N, 3, H, W) tensor or a list of (3, H, W) tensors, RGB, float in [0, 1]
@@ -122,11 +156,11 @@ class Scorer:
         elif image.dtype != torch.uint8:
             raise ValueError(f"images must be float in [0, 1] or uint8, got {image.dtype}")
         pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
-        return resize_rgb(pil, self.resize, self.patch_size)
+        return resize_rgb(pil, self.resize, self.min_side)
 
     def read(self, path):
         """Decode and resize one file as evaluation does -> uint8 tensor (``UserError`` if it does not decode)."""
-        return load_resized(Sample(os.fspath(path), float("nan"), None, None), self.resize, self.patch_size)
+        return load_resized(Sample(os.fspath(path), float("nan"), None, None), self.resize, self.min_side)
 
     def score_chunks(self, paths, opts, *, chunk_size=CHUNK_SIZE, skip_unreadable=False, progress=False):
         """Score ``paths`` ``chunk_size`` files at a time; yields each chunk's ``[(path, result)]`` in order,
@@ -216,6 +250,15 @@ def build_qualiclip_swin_encoder(ckpt, source):
     }
 
 
+@register_kind("qualiclip_release", "QualiCLIP's released qualiclip.pth", is_release)
+@register_kind("qualiclip_clip_encoder", "a Stage-1 CLIP encoder .pkl from pretrain_qualiclip.py --encoder clip",
+               has_format(CLIP_ENCODER_FORMAT))
+def build_clip_image_encoder(ckpt, source):
+    encoder, text_features = ClipImageEncoder.from_checkpoint(ckpt, source)
+    # QualiCLIP's inference: the full-resolution image, all prompt pairs.
+    return ZeroShotModel(encoder, text_features), {"resize": 0, "patch_size": None, "test_patch_num": 1}
+
+
 def load_scorer(path, device="cpu", kind=None):
     """The ``Scorer`` of a checkpoint file on ``device``; ``kind`` (a ``CHECKPOINT_KINDS`` name) refuses
     any other kind."""
@@ -243,7 +286,9 @@ def load_scorer(path, device="cpu", kind=None):
 def add_scoring_arguments(parser):
     """The flags ``predict.py`` and ``cross_dataset_test.py`` share."""
     parser.add_argument("--test_patch_num", type=int, default=None, help="crops per image (default: the checkpoint's)")
-    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="crops per forward pass")
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="crops per forward pass (CLIP encoders: whole images of one size holding at most "
+                             "that many 224x224 crops' pixels)")
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))

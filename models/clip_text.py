@@ -2,7 +2,10 @@
 
 ``compute_text_features`` encodes a prompt set once and returns a ``(2, D)`` tensor: row 0 the
 "good" anchor, row 1 the "bad" one.  With several antonym pairs, each anchor is the normalised
-mean of its normalised prompt features.  Only the text tower is kept.
+mean of its normalised prompt features (the Swin encoder's anchors); ``per_pair=True`` keeps every
+pair instead, ``(P, 2, D)`` (the CLIP image encoder's, as QualiCLIP scores against all 14
+prompts).  Only the text tower is kept.  ``load_clip_model`` is the one loader of CLIP weights,
+also used for the image tower (``models/clip_image_encoder.py``).
 
 Where the CLIP weights come from:
 
@@ -50,13 +53,15 @@ WEIGHTS_ADVICE = (
 
 
 @torch.no_grad()
+def encode_prompt_features(clip_model, tokenizer, pairs, device):
+    """(positive, negative) prompt pairs -> (P, 2, D) unit prompt features, [:, 0] positive."""
+    tokens = tokenizer([prompt for pair in pairs for prompt in pair]).to(device)
+    return F.normalize(clip_model.encode_text(tokens).float(), dim=-1).view(len(pairs), 2, -1)
+
+
 def encode_prompt_pairs(clip_model, tokenizer, pairs, device):
     """(positive, negative) prompt pairs -> (2, D) unit anchors, row 0 positive."""
-    positives, negatives = zip(*pairs)
-    tokens = tokenizer(list(positives) + list(negatives)).to(device)
-    features = F.normalize(clip_model.encode_text(tokens).float(), dim=-1)
-    per_polarity = features.view(2, len(pairs), -1)
-    return F.normalize(per_polarity.mean(dim=1), dim=-1)
+    return F.normalize(encode_prompt_features(clip_model, tokenizer, pairs, device).mean(dim=0), dim=-1)
 
 
 def _is_torchscript_archive(path):
@@ -136,29 +141,40 @@ def _hf_cache_dir():
     return constants.HF_HUB_CACHE
 
 
-def compute_text_features(prompt_set="good_bad", clip_model="RN50", clip_weights=None, device="cpu"):
-    """Encode a prompt set with a frozen CLIP text tower -> ((2, D) float32 CPU tensor, prompt pairs)."""
+def load_clip_model(clip_model="RN50", clip_weights=None):
+    """The whole open_clip model (CPU, float32) from ``clip_weights`` or the cached OpenAI weights."""
+    return _load_from_file(clip_model, clip_weights) if clip_weights else _load_openai_pretrained(clip_model)
+
+
+def compute_text_features(prompt_set="good_bad", clip_model="RN50", clip_weights=None, device="cpu", per_pair=False):
+    """Encode a prompt set with a frozen CLIP text tower -> (float32 CPU tensor, prompt pairs): the
+    (2, D) anchors, or with ``per_pair`` the (P, 2, D) features of every pair."""
     if prompt_set not in PROMPT_SETS:
         raise UserError(f"prompt set '{prompt_set}' is not one of {', '.join(PROMPT_SETS)}")
     pairs = PROMPT_SETS[prompt_set]
-    model = _load_from_file(clip_model, clip_weights) if clip_weights else _load_openai_pretrained(clip_model)
+    model = load_clip_model(clip_model, clip_weights)
     del model.visual  # only the text tower is used; free the image tower before moving to the device
     model = model.to(device).eval().requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(clip_model, context_length=model.context_length)
-    features = encode_prompt_pairs(model, tokenizer, pairs, device)
-    return features.cpu(), [tuple(pair) for pair in pairs]
+    encode = encode_prompt_features if per_pair else encode_prompt_pairs
+    return encode(model, tokenizer, pairs, device).cpu(), [tuple(pair) for pair in pairs]
 
 
 def load_text_features(path):
-    """(2, D) anchors from ``torch.save`` of a tensor or of a dict with 'text_features' (a Stage-1 .pkl)."""
+    """Anchors from ``torch.save`` of a tensor, of a dict with 'text_features' (a Stage-1 .pkl) or of
+    QualiCLIP's release (its (14, D) 'prompts_features', read as 7 pairs) -> (2, D) or (P, 2, D)."""
     obj = safe_load(path, "--text_features")
     if isinstance(obj, dict):
-        if "text_features" not in obj:
+        if "text_features" in obj:
+            obj = obj["text_features"]
+        elif isinstance(obj.get("prompts_features"), torch.Tensor) and obj["prompts_features"].shape[0] % 2 == 0:
+            obj = obj["prompts_features"].reshape(-1, 2, obj["prompts_features"].shape[-1])
+        else:
             raise UserError(f"--text_features '{path}' is a dict without a 'text_features' key; "
-                            "pass a (2, D) tensor file or a Stage-1 .pkl")
-        obj = obj["text_features"]
-    if not (isinstance(obj, torch.Tensor) and obj.is_floating_point() and obj.dim() == 2 and obj.shape[0] == 2):
+                            "pass a (2, D) tensor file, a Stage-1 .pkl or QualiCLIP's qualiclip.pth")
+    if not (isinstance(obj, torch.Tensor) and obj.is_floating_point() and obj.dim() in (2, 3)
+            and obj.shape[-2] == 2 and obj.shape[0] > 0):
         found = f"shape {tuple(obj.shape)}" if isinstance(obj, torch.Tensor) else f"a {type(obj).__name__}"
         raise UserError(f"--text_features '{path}' holds {found}; expected a (2, D) float tensor "
-                        "(row 0 positive prompt, row 1 negative)")
+                        "(row 0 positive prompt, row 1 negative) or (P, 2, D) for P prompt pairs")
     return obj.float()

@@ -7,6 +7,7 @@ so Stage 1 can be evaluated against MOS before any fine-tuning.  ``checkpoint_di
 strings that loads with ``torch.load(weights_only=True)`` and whose ``encoder`` entry is a timm
 Swin state dict with timm's own key names, so Stage 2 (or plain timm) can load it directly.
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -18,16 +19,25 @@ ENCODER_FORMAT = "qualiclip-swin-encoder/1"
 CLIP_LOGIT_SCALE = 100.0
 
 
-def zero_shot_logits(image_features, text_features):
-    """100 * [cos_pos, cos_neg] (float32, shape (..., 2)): CLIP's logits against the two anchors."""
+def prompt_pair_logits(image_features, text_features):
+    """100 * cosine to every prompt (float32): ``(..., P, 2)`` for ``(P, 2, D)`` anchors (P antonym pairs,
+    positive first), ``(..., 1, 2)`` for ``(2, D)``."""
     image_features = F.normalize(image_features.float(), dim=-1)
-    text_features = F.normalize(text_features.to(image_features), dim=-1)
-    return CLIP_LOGIT_SCALE * image_features @ text_features.t()
+    text_features = F.normalize(text_features.to(image_features), dim=-1).reshape(-1, 2, image_features.shape[-1])
+    return CLIP_LOGIT_SCALE * torch.einsum("...d,pkd->...pk", image_features, text_features)
+
+
+def zero_shot_logits(image_features, text_features):
+    """100 * [cos_pos, cos_neg] (float32, shape (..., 2)): CLIP's logits against the two anchors; with
+    (P, 2, D) anchors their mean over the pairs (so ``[..., 0] - [..., 1]`` is the mean log-odds)."""
+    return prompt_pair_logits(image_features, text_features).mean(dim=-2)
 
 
 def zero_shot_score(image_features, text_features):
-    """softmax(100 * [cos_pos, cos_neg])[..., 0]: probability of the positive prompt, in [0, 1]."""
-    return zero_shot_logits(image_features, text_features).softmax(dim=-1)[..., 0]
+    """softmax(100 * [cos_pos, cos_neg])[..., 0]: probability of the positive prompt, in [0, 1]; with
+    (P, 2, D) anchors the softmax is taken inside each pair and the probabilities averaged (QualiCLIP's
+    inference)."""
+    return prompt_pair_logits(image_features, text_features).softmax(dim=-1)[..., 0].mean(dim=-1)
 
 
 class QualityEncoder(nn.Module):
@@ -51,7 +61,7 @@ class QualityEncoder(nn.Module):
         return self.projection(last_stage.mean(dim=(2, 3)))
 
     def score(self, x, text_features):
-        """Zero-shot quality in [0, 1] against the (2, D) prompt anchors (row 0 positive)."""
+        """Zero-shot quality in [0, 1] against the (2, D) prompt anchors (row 0 positive) or (P, 2, D) pairs."""
         return zero_shot_score(self(x), text_features)
 
     def checkpoint_dict(self, text_features, prompts, args_dict, train_images=()):
@@ -83,7 +93,7 @@ class QualityEncoder(nn.Module):
                             f"expected {ENCODER_FORMAT!r}); pass a .pkl written by pretrain_qualiclip.py")
         projection = ckpt["projection"]
         text_features = ckpt["text_features"].float()
-        model = cls(ckpt["model_size"], text_dim=text_features.shape[1], imagenet_pretrained=False,
+        model = cls(ckpt["model_size"], text_dim=text_features.shape[-1], imagenet_pretrained=False,
                     proj_hidden=projection["0.weight"].shape[0], img_size=ckpt.get("args", {}).get("crop_size", 224))
         load_swin_weights(model.backbone.swin, ckpt["encoder"], source, ckpt["model_size"])
         try:

@@ -2,8 +2,8 @@
 
 Inputs: ``image_features`` ``(B, 2, L, D)`` — B images, 2 overlapping crops, L degradation
 levels ordered mildest → strongest — and ``text_features`` ``(2, D)`` (row 0 the positive
-prompt, row 1 the negative prompt). Both are L2-normalised here. With
-``c[b,a,l,k] = cos(image_features[b,a,l], text_features[k])``::
+prompt, row 1 the negative prompt) or ``(P, 2, D)``, P antonym pairs, positive first. Both are
+L2-normalised here. With ``c[b,a,l,k] = cos(image_features[b,a,l], text_features[k])``::
 
     L_pos  = mean over b, a, l<l'  of  max(0, m_r − (c[b,a,l,0]  − c[b,a,l',0]))
     L_neg  = mean over b, a, l<l'  of  max(0, m_r − (c[b,a,l',1] − c[b,a,l,1]))
@@ -11,7 +11,9 @@ prompt, row 1 the negative prompt). Both are L2-normalised here. With
     L      = λ_c·L_cons + λ_p·L_pos + λ_n·L_neg
 
 ``QualiCLIPLoss`` ranks all pairs l < l'; ``SimplifiedQualiCLIPLoss`` only adjacent pairs
-(l' = l + 1). Both share one implementation that differs only in the pair set. Cosines are
+(l' = l + 1). Both share one implementation that differs only in the pair set. With P prompt
+pairs every term is computed per pair as above and averaged over the pairs (one tensor op, no
+loop); P = 1 is exactly the ``(2, D)`` case. Cosines are
 computed in float32 as elementwise products (no autocast, no TF32 matmul). With L = 1 there
 are no pairs and the ranking terms are 0.
 """
@@ -27,10 +29,13 @@ LOSS_TYPES = ("simplified", "full")
 
 
 def quality_cosines(image_features, text_features):
-    """``c[..., k] = cos(image_features[...], text_features[k])`` in float32, shape ``(*, K)``."""
+    """``c[..., k] = cos(image_features[...], text_features[k])`` in float32, shape ``(*, K)``; for
+    ``(P, 2, D)`` text features ``c[..., p, k]``, shape ``(*, P, 2)``."""
     img = F.normalize(image_features.float(), dim=-1)
     txt = F.normalize(text_features.float(), dim=-1)
-    return (img.unsqueeze(-2) * txt).sum(-1)
+    for _ in range(txt.dim() - 1):
+        img = img.unsqueeze(-2)
+    return (img * txt).sum(-1)
 
 
 class _RankingConsistencyLoss(nn.Module):
@@ -61,10 +66,10 @@ class _RankingConsistencyLoss(nn.Module):
                 f"image_features must have shape (B, 2, L, D) (images, 2 crops, levels, features), "
                 f"got {tuple(image_features.shape)}"
             )
-        if text_features.ndim != 2 or text_features.shape[0] != 2:
+        if text_features.ndim not in (2, 3) or text_features.shape[-2] != 2 or text_features.shape[0] == 0:
             raise ValueError(
-                f"text_features must have shape (2, D) (row 0 positive, row 1 negative prompt), "
-                f"got {tuple(text_features.shape)}"
+                f"text_features must have shape (2, D) (row 0 positive, row 1 negative prompt) or (P, 2, D) "
+                f"(P antonym pairs), got {tuple(text_features.shape)}"
             )
         if image_features.shape[-1] != text_features.shape[-1]:
             raise ValueError(
@@ -80,12 +85,13 @@ class _RankingConsistencyLoss(nn.Module):
         amp_off = (torch.autocast(device.type, enabled=False)
                    if torch.amp.is_autocast_available(device.type) else contextlib.nullcontext())
         with amp_off:
-            c = quality_cosines(image_features, text_features.to(device))  # (B, 2, L, 2)
+            # (B, 2, L, P, 2): the prompt pairs as one more axis that every mean below also averages
+            c = quality_cosines(image_features, text_features.to(device).reshape(-1, 2, text_features.shape[-1]))
             cons = F.relu((c[:, 0] - c[:, 1]).abs() - self.margin_cons).mean()
 
             first, second = self.level_pairs(c.shape[2], device)
             if first.numel():
-                c_first, c_second = c.index_select(2, first), c.index_select(2, second)  # (B, 2, P, 2)
+                c_first, c_second = c.index_select(2, first), c.index_select(2, second)  # (B, 2, pairs, P, 2)
                 pos = F.relu(self.margin_rank - (c_first[..., 0] - c_second[..., 0])).mean()
                 neg = F.relu(self.margin_rank - (c_second[..., 1] - c_first[..., 1])).mean()
             else:

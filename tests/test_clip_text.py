@@ -126,10 +126,32 @@ def test_seed_is_an_alias_of_good_bad(tiny_clip, tmp_path):
     torch.testing.assert_close(features, expected, atol=0, rtol=0)
     for parser, required in ((pretrain_qualiclip.get_args_parser(), []),
                              (make_text_features.get_args_parser(), ["--out", "x.pt"])):
-        assert parser.parse_args(required).prompt_set == "good_bad"
         assert parser.parse_args([*required, "--prompt_set", "seed"]).prompt_set == "seed"
         with pytest.raises(SystemExit):
             parser.parse_args([*required, "--prompt_set", "good-bad"])
+    assert make_text_features.get_args_parser().parse_args(["--out", "x.pt"]).prompt_set == "good_bad"
+
+
+@pytest.mark.parametrize("encoder, expected", [("swin", "good_bad"), ("clip", "qualiclip")])
+def test_pretrain_prompt_set_default_follows_the_encoder(encoder, expected):
+    args = pretrain_qualiclip.get_args_parser().parse_args(["--encoder", encoder])
+    pretrain_qualiclip.check_encoder_args(args)
+    assert args.prompt_set == expected
+    args = pretrain_qualiclip.get_args_parser().parse_args(["--encoder", encoder, "--prompt_set", "seed"])
+    pretrain_qualiclip.check_encoder_args(args)
+    assert args.prompt_set == "seed"
+
+
+def test_per_pair_features_keep_every_pair(tiny_clip, tmp_path):
+    model, tokenizer = tiny_clip
+    path = tmp_path / "tiny_clip.pt"
+    torch.save(model.state_dict(), path)
+    features, prompts = compute_text_features("qualiclip", TINY, str(path), per_pair=True)
+    assert features.shape == (7, 2, 16) and prompts == PROMPT_SETS["qualiclip"]
+    expected = encode_one_by_one(model, tokenizer, [p for pair in prompts for p in pair]).view(7, 2, 16)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-4)
+    averaged, _ = compute_text_features("qualiclip", TINY, str(path))
+    torch.testing.assert_close(averaged, F.normalize(expected.mean(0), dim=-1), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -191,9 +213,20 @@ def test_load_text_features(tmp_path):
     torch.testing.assert_close(load_text_features(tmp_path / "t.pt"), features, atol=0, rtol=0)
     torch.testing.assert_close(load_text_features(tmp_path / "stage1.pkl"), features, atol=0, rtol=0)
 
+    pairs = torch.randn(7, 2, 16)
+    torch.save(pairs, tmp_path / "pairs.pt")
+    torch.testing.assert_close(load_text_features(tmp_path / "pairs.pt"), pairs, atol=0, rtol=0)
+    # QualiCLIP's release: 14 prompt features, positive and negative alternating
+    torch.save({"clip_model.visual.conv1.weight": torch.zeros(1), "prompts_features": pairs.reshape(14, 16)},
+               tmp_path / "qualiclip.pth")
+    torch.testing.assert_close(load_text_features(tmp_path / "qualiclip.pth"), pairs, atol=0, rtol=0)
+
     torch.save(torch.randn(3, 16), tmp_path / "bad.pt")
     with pytest.raises(UserError, match=r"--text_features .*shape \(3, 16\).*\(2, D\)"):
         load_text_features(tmp_path / "bad.pt")
+    torch.save(torch.randn(7, 3, 16), tmp_path / "bad_pairs.pt")
+    with pytest.raises(UserError, match=r"shape \(7, 3, 16\).*\(P, 2, D\)"):
+        load_text_features(tmp_path / "bad_pairs.pt")
     torch.save({"encoder": {}}, tmp_path / "no_key.pt")
     with pytest.raises(UserError, match="without a 'text_features' key"):
         load_text_features(tmp_path / "no_key.pt")

@@ -267,3 +267,25 @@ def test_summary_demo_note_only_with_demo_and_anchor_note_only_for_random_anchor
     assert_user_error(run_cli("tools/summarize_experiment.py", results_dir), "pretrained", "results.json", "missing")
     shutil.rmtree(results_dir / "pretrained" / "seed_1")
     assert_user_error(run_cli("tools/summarize_experiment.py", results_dir), "different seeds")
+
+
+def test_qualiclip_recipe_trains_the_clip_encoder_and_writes_the_opinion_unaware_table(tmp_path):
+    demo, out = tmp_path / "demo", tmp_path / "results"
+    result = run_pipeline("--demo", "--qualiclip", "--demo_dir", demo, "--demo_size", "20", "--epochs_pretrain", "1",
+                          "--output", out, "--pretrain_args", "--crop_size 64 --resize 64 --num_levels 2 --batch_size 2 "
+                          "--level_eval_images 2 --max_distortions 2 --eval_patch_num 1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    args = json.loads((out / "pretrain" / "args.json").read_text())
+    assert (args["encoder"], args["degradations"], args["imagenet_pretrained"]) == ("clip", "arniqa", False)
+    encoder = out / "pretrain" / "clip_RN50_qualiclip_pretrained.pkl"
+    assert torch.load(encoder, weights_only=True)["format"] == "qualiclip-clip-encoder/1"
+    table = json.loads((out / "opinion_unaware.json").read_text())
+    assert list(table) == [str(encoder)]
+    assert set(table[str(encoder)]) == {"koniq-10k", "spaq", "kadid-10k", "agiqa-3k", "livec"}
+    assert all(-1 <= m["srcc"] <= 1 and m["n"] >= 4 for m in table[str(encoder)].values())
+    markdown = (out / "opinion_unaware.md").read_text()
+    assert "none (opinion-unaware)" in markdown and "| koniq-10k SRCC/PLCC |" in markdown
+    # only Step 1 and its evaluation: no fine-tune, no summary
+    timings = dict(line.split("\t") for line in (out / "timings.tsv").read_text().splitlines())
+    assert set(timings) == {"make_demo", "text_anchors", "pretrain", "opinion_unaware"}
+    assert not (out / "baseline").exists() and not (out / "summary.md").exists()

@@ -134,6 +134,21 @@ def test_float32_under_autocast():
     assert half["loss"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("cls,all_pairs", [(QualiCLIPLoss, True), (SimplifiedQualiCLIPLoss, False)])
+def test_prompt_pairs_average_the_per_pair_reference(cls, all_pairs):
+    """(P, 2, D) text features: every term is the mean over the pairs of the single-pair reference."""
+    img, _ = _features(seed=5)
+    pairs = torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(6)) * 3.0
+    kw = dict(margin_rank=0.1, margin_cons=0.01, lambda_cons=0.5, lambda_neg=2.0)
+    got = cls(**kw)(img, pairs)
+    per_pair = [reference_loss(img, pairs[p], all_pairs, 0.1, 0.01, 0.5, 1.0, 2.0) for p in range(3)]
+    for key in got:
+        assert got[key].item() == pytest.approx(sum(r[key] for r in per_pair) / 3, rel=1e-5, abs=1e-6), key
+    assert len({round(r["loss"], 6) for r in per_pair}) == 3  # the pairs really differ
+    single = cls(**kw)(img, pairs[1:2])  # one pair as (1, 2, D) is the (2, D) case
+    torch.testing.assert_close(single["loss"], cls(**kw)(img, pairs[1])["loss"])
+
+
 def test_shape_checks():
     loss = SimplifiedQualiCLIPLoss()
     img, txt = _features()
@@ -143,6 +158,8 @@ def test_shape_checks():
         loss(torch.randn(2, 3, 5, 8), txt)
     with pytest.raises(ValueError, match=r"\(2, D\)"):
         loss(img, torch.randn(3, 8))
+    with pytest.raises(ValueError, match=r"\(P, 2, D\)"):
+        loss(img, torch.randn(4, 3, 8))
     with pytest.raises(ValueError, match="D=8.*D=7"):
         loss(img, torch.randn(2, 7))
 

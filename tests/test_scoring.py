@@ -8,7 +8,7 @@ from iqa.datasets import Sample
 from iqa.evaluation import EvalOptions, predict_images
 from iqa.patches import DEFAULT_RESIZE, cache_images
 from iqa.runtime import UserError, safe_load
-from iqa.scoring import CHECKPOINT_KINDS, Scorer, load_scorer, register_kind
+from iqa.scoring import CHECKPOINT_KINDS, MIN_WHOLE_IMAGE_SIDE, Scorer, load_scorer, register_kind
 from models.hyperiqa_swin import HyperIQASwin
 from models.quality_encoder import QualityEncoder
 from tests.scoring_files import STAGE1_ARGS, make_image, write_stage1_pkl, write_stage2_checkpoint, write_truncated_jpeg
@@ -167,3 +167,47 @@ def test_a_new_kind_registers_without_changing_load_scorer(files, tmp_path, monk
     assert isinstance(scorer, Scorer) and scorer.kind == "release" and scorer.mos_bounds is None
     torch.testing.assert_close(scorer.score_paths(files["images"]), load_scorer(files["stage2"]).score_paths(
         files["images"]), rtol=0, atol=1e-7)
+
+
+class MeanColour(torch.nn.Module):
+    """A scorer model that needs the whole image: a squashed mean of its normalised red channel minus
+    the mean of its bottom-right 8x8 corner (which a crop would miss)."""
+
+    def forward(self, x):
+        return torch.sigmoid(x[:, 0].mean(dim=(1, 2)) - x[:, 1, -8:, -8:].mean(dim=(1, 2)))
+
+
+def test_whole_image_scorer_scores_each_full_image(files):
+    scorer = Scorer(MeanColour(), kind="test", resize=0, patch_size=None, test_patch_num=1)
+    assert scorer.min_side == MIN_WHOLE_IMAGE_SIDE
+    paths = files["images"] + [files["images"][0]]  # three sizes, one of them twice
+    expected = []
+    for path in paths:
+        pixels = np.array(Image.open(path).convert("RGB"), dtype=np.float64) / 255
+        normalised = (pixels - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+        expected.append(1 / (1 + np.exp(-(normalised[..., 0].mean() - normalised[-8:, -8:, 1].mean()))))
+    for batch_size in (1, 3):  # 1: one image per forward pass (each is larger than one 224x224 crop)
+        np.testing.assert_allclose(scorer.score_paths(paths, batch_size=batch_size).numpy(), expected, atol=1e-6)
+    sizes = []
+    scorer.model.register_forward_hook(lambda module, args, out: sizes.append(len(args[0])))
+    scorer.score_paths([files["images"][0]] * 5, batch_size=3)  # 320x240 = 1.53 crops: 3 * 224^2 // 76800 = 1
+    scorer.score_paths([files["images"][2]] * 5, batch_size=3)  # 224x224: three per pass
+    assert sizes == [1] * 5 + [3, 2]
+    tiny = torch.zeros(3, 16, 24, dtype=torch.uint8)  # below a ResNet's stride: upscaled, aspect kept
+    assert tuple(scorer.prepare(tiny).shape) == (3, MIN_WHOLE_IMAGE_SIDE, 48)
+
+
+def test_cross_dataset_scores_a_whole_image_scorer_in_one_process(files):
+    from cross_dataset_test import evaluate_scorer
+    from iqa.distributed import DistInfo
+    from iqa.evaluation import make_eval_set
+    from iqa.metrics import all_metrics
+
+    scorer = Scorer(MeanColour(), kind="test", resize=0, patch_size=None, test_patch_num=1)
+    samples = [Sample(str(p), mos, None, None) for p, mos in zip(files["images"], (3.0, 1.0, 2.0))]
+    eval_set = make_eval_set("three", samples, 0, scorer.min_side, DistInfo())
+    metrics, pred = evaluate_scorer(scorer, eval_set, DistInfo(), scorer.options(batch_size=2))
+    np.testing.assert_allclose(pred, scorer.score_paths(files["images"]).numpy(), rtol=0, atol=1e-12)
+    assert metrics == all_metrics(pred, [3.0, 1.0, 2.0])
+    with pytest.raises(UserError, match="without torchrun"):
+        evaluate_scorer(scorer, eval_set, DistInfo(torchrun=True), scorer.options())
