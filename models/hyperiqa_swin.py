@@ -149,6 +149,13 @@ class HyperIQASwin(nn.Module):
         """(N, 4) softmax weights over the stages (attention fusion only)."""
         return self.stage_attention(stages[-1])
 
+    def stage_weights(self, x):
+        """(N, 4) stage-attention weights the forward pass gives ImageNet-normalised crops ``x``
+        (read-only, for analysis); a model without ``attention_fusion`` has none (ValueError)."""
+        if self.stage_attention is None:
+            raise ValueError("this model has no stage attention (it was built without attention_fusion)")
+        return self.fusion_weights(self.backbone(x))
+
     def hyper_input(self, stages):
         """Stages -> (N, C_in, 7, 7) input of the 1x1 hyper convs."""
         if not self.use_multiscale:
