@@ -87,6 +87,9 @@ class ClipImageEncoder(nn.Module):
         if not hasattr(self.visual, "attnpool"):  # open_clip's ModifiedResNet; a ViT tower has none
             raise UserError(f"--clip_model '{clip_model}' has a {type(self.visual).__name__} image tower; "
                             f"--encoder clip needs a ResNet one (RN50, RN101, RN50x4, ...)")
+        # Kept (the release format holds it) but never used: frozen, so that every trained parameter gets a
+        # gradient (DistributedDataParallel requires it) and the optimizer leaves it as loaded.
+        self.visual.attnpool.positional_embedding.requires_grad_(False)
         # ImageNet-normalised -> CLIP-normalised: x * scale + shift, per channel.
         imagenet_mean, imagenet_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         clip_mean, clip_std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)

@@ -151,6 +151,16 @@ def test_encoder_takes_imagenet_normalised_input(release):
     torch.testing.assert_close(got, expected.float(), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_every_trained_parameter_gets_a_gradient():
+    """What DistributedDataParallel needs: the unused positional embedding is frozen, the rest all learn."""
+    encoder = ClipImageEncoder("RN50").train()
+    encoder.score(torch.randn(4, 3, 64, 64), torch.randn(7, 2, 1024)).sum().backward()
+    trained = {name: p for name, p in encoder.named_parameters() if p.requires_grad}
+    assert set(dict(encoder.named_parameters())) - set(trained) == {"visual.attnpool.positional_embedding"}
+    assert all(p.grad is not None for p in trained.values())
+
+
 def test_zero_shot_logits_and_score_with_prompt_pairs():
     generator = torch.Generator().manual_seed(3)
     features, pairs = torch.randn(5, 8, generator=generator), torch.randn(3, 2, 8, generator=generator)
