@@ -19,9 +19,9 @@ skips the least important):
   (the process group is up even for one process: NCCL on CUDA, gloo on CPU).
 * ``stage2_compile`` / ``stage1_compile``: as ``stage2`` / ``stage1`` with ``--compile``; the second
   epoch's time against the eager run's gives ``compile_vs_eager`` (the first epoch compiles).
-* ``jpeg_cuda``: CUDA only, and only where ``degradation_generator.cuda_jpeg`` exists: its
-  agreement with PIL (``bench/jpeg_agreement.py``: absolute differences and PSNR per quality), and
-  a one-epoch Stage-1 run with ``--jpeg_on cuda``.
+* ``jpeg_cuda`` (CUDA only): the agreement of ``degradation_generator.cuda_jpeg`` (nvjpeg) with
+  PIL (``bench/jpeg_agreement.py``: absolute differences and PSNR per quality), and a one-epoch
+  Stage-1 run with ``--jpeg_on cuda``.
 
 The result file (default ``bench/results/<device name>.json``) holds the device, the software
 versions, every check (status PASS / FAIL / SKIP, a one-line reason, seconds, log path), the
@@ -359,18 +359,11 @@ def jpeg_cuda_check(context, log_path, timeout_s, name):
     return {**agreement, "stage1_jpeg_on_cuda": stage1}
 
 
-def has_cuda_jpeg():
-    from qualiclip_pretrain import degradation_generator
-
-    return hasattr(degradation_generator, "cuda_jpeg")
-
-
 def build_checks(context):
     cuda = context.device.type == "cuda"
     epochs = 1 if context.quick else 2
     no_compile = "--quick on a CPU: torch.compile takes minutes there" if context.quick and not cuda else ""
-    jpeg_skip = ("CUDA only" if not cuda else
-                 "" if has_cuda_jpeg() else "qualiclip_pretrain.degradation_generator has no cuda_jpeg yet")
+    jpeg_skip = "" if cuda else "CUDA only"
     return [
         Check("stage1", stage1_check(epochs), 240),
         Check("stage2", stage2_check(epochs), 240),

@@ -1,7 +1,12 @@
-"""Both training scripts under torchrun (2 processes, gloo backend on CPU)."""
+"""Both training scripts under torchrun on CPU (gloo): two processes on one node, and two "nodes"
+(``--nnodes 2 --node_rank 0/1``, one process each) on localhost."""
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -66,3 +71,85 @@ def test_train_swin_under_torchrun_gathers_all_test_images(tmp_path, demo_root):
     for key in ("srcc", "plcc", "krcc"):
         assert alone[key] == pytest.approx(results["test"][key], abs=1e-5), key
     assert len((run_dir / "log.jsonl").read_text().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- two nodes on localhost
+
+def launch_nodes(script_args, cwd, log_dir, tag):
+    """Two torchrun "nodes" (``--nnodes 2 --node_rank 0/1``, one gloo process each) on a free port of
+    localhost, each writing its output to ``log_dir/<tag>_node<R>.log``; returns (Popen, log path) pairs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nodes = []
+    for node_rank in (0, 1):
+        log_path = log_dir / f"{tag}_node{node_rank}.log"
+        with open(log_path, "w") as log:
+            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
+                    "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                    *map(str, script_args)]
+            nodes.append((subprocess.Popen(argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}),
+                          log_path))
+    return nodes
+
+
+def finish_nodes(nodes, timeout=400):
+    """Wait for both nodes; returns their outputs (node 0 first) after asserting both exited 0."""
+    outputs = []
+    for process, log_path in nodes:
+        returncode = process.wait(timeout=timeout)
+        outputs.append(log_path.read_text())
+        assert returncode == 0, outputs[-1][-3000:]
+    return outputs
+
+
+def test_train_swin_on_two_nodes_writes_one_run_directory(tmp_path, demo_root):
+    work = tmp_path / "work"
+    work.mkdir()
+    # No --output_dir: each node makes the timestamped default, so only rank 0's (broadcast) may be used.
+    node0, node1 = finish_nodes(launch_nodes(
+        [os.path.join(ROOT, "train_swin.py"), "--dataset", "koniq-10k", "--data_root", demo_root / "koniq-10k",
+         "--model_size", "nano", "--no_imagenet_pretrained", "--epochs", "1", "--batch_size", "4",
+         "--train_patch_num", "1", "--test_patch_num", "1", "--num_workers", "0", "--device", "cpu"],
+        work, tmp_path, "stage2"))
+    assert "distributed: 2 process(es), 1 on this node, backend gloo" in node0
+    assert "distributed:" not in node1 and "run directory" not in node1  # rank 1 neither reports nor writes
+    runs = list((work / "runs").iterdir())
+    assert len(runs) == 1 and sorted(p.name for p in work.iterdir()) == ["runs"]
+    results = json.loads((runs[0] / "results.json").read_text())
+    split = json.loads((runs[0] / "split.json").read_text())
+    assert results["test"]["n"] == len(split["test"])  # both nodes' shares of the test images gathered
+    assert len((runs[0] / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_pretrain_on_two_nodes_resumes_after_a_kill(tmp_path, demo_root, text_features_file):
+    save_dir = tmp_path / "pretrain"
+    args = [os.path.join(ROOT, "pretrain_qualiclip.py"), "--data_root", demo_root / "koniq-10k",
+            "--text_features", text_features_file, "--model_size", "nano", "--no_imagenet_pretrained",
+            "--crop_size", "64", "--num_levels", "2", "--batch_size", "4", "--epochs", "2", "--num_workers", "0",
+            "--eval_patch_num", "1", "--level_eval_images", "0", "--device", "cpu", "--save_dir", save_dir]
+    nodes = launch_nodes(args, ROOT, tmp_path, "first")
+    log = save_dir / "log.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and log.read_text().strip()) and time.monotonic() < deadline:
+        assert all(process.poll() is None for process, _ in nodes), nodes[0][1].read_text()[-3000:]
+        time.sleep(0.05)
+    assert log.is_file() and log.read_text().strip(), "no epoch logged within 300 s"
+    # SIGTERM, as a scheduler ends a job: each torchrun agent stops its worker and exits.
+    for process, _ in nodes:
+        process.send_signal(signal.SIGTERM)
+    for process, _ in nodes:
+        process.wait(timeout=120)
+    done = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert done == [1]
+    assert not any(p.suffix == ".pkl" for p in save_dir.iterdir())
+
+    node0, node1 = finish_nodes(launch_nodes([args[0], "--resume", save_dir, "--device", "cpu", "--num_workers", "0"],
+                                             ROOT, tmp_path, "resume"))
+    assert "resumed after epoch 1 of 2" in node0 and "resumed" not in node1
+    assert "streams restart" not in node0  # same world size: every rank got its own RNG state back
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2]
+    ckpt = torch.load(save_dir / "swin_nano_qualiclip_pretrained.pkl", weights_only=True)
+    create_swin("nano").load_state_dict(ckpt["encoder"], strict=True)
+    assert torch.load(save_dir / "last.pt", weights_only=True)["epoch"] == 2
