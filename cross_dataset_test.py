@@ -49,9 +49,12 @@ def checkpoint_label(path):
     return f"{os.path.basename(os.path.dirname(path))}_{os.path.splitext(os.path.basename(path))[0]}"
 
 
+OPINION_UNAWARE = "none (opinion-unaware)"
+
+
 def mos_training(scorer):
     """The table's "MOS training" cell: a Stage-2 model learnt MOS; a zero-shot scorer never saw any."""
-    return "yes (Stage 2)" if scorer.mos_bounds is not None else "none (opinion-unaware)"
+    return "yes (Stage 2)" if scorer.mos_bounds is not None else OPINION_UNAWARE
 
 
 def results_table(results, names, training):
@@ -61,7 +64,7 @@ def results_table(results, names, training):
     for ckpt, row in results.items():
         lines.append(f"| {ckpt} | {training[ckpt]} | "
                      + " | ".join(f"{row[n]['srcc']:.4f} / {row[n]['plcc']:.4f}" for n in names) + " |")
-    if any(label.startswith("none") for label in training.values()):
+    if any(training[ckpt] == OPINION_UNAWARE for ckpt in results):
         lines += ["", "opinion-unaware: scored zero-shot against the checkpoint's prompts; no MOS of any dataset "
                       "was used to train it."]
     return lines

@@ -211,3 +211,18 @@ def test_cross_dataset_scores_a_whole_image_scorer_in_one_process(files):
     assert metrics == all_metrics(pred, [3.0, 1.0, 2.0])
     with pytest.raises(UserError, match="without torchrun"):
         evaluate_scorer(scorer, eval_set, DistInfo(torchrun=True), scorer.options())
+
+
+def test_cross_dataset_table_marks_the_opinion_unaware_rows(files):
+    from cross_dataset_test import mos_training, results_table
+
+    training = {"best.pt": mos_training(load_scorer(files["stage2"])),
+                "encoder.pkl": mos_training(load_scorer(files["stage1"]))}
+    results = {"best.pt": {"spaq": {"srcc": 0.91234, "plcc": 0.9}},
+               "encoder.pkl": {"spaq": {"srcc": -0.5, "plcc": 0.25}}}
+    assert results_table(results, ["spaq"], training) == [
+        "| checkpoint | MOS training | spaq SRCC/PLCC |", "|---|---|---|",
+        "| best.pt | yes (Stage 2) | 0.9123 / 0.9000 |",
+        "| encoder.pkl | none (opinion-unaware) | -0.5000 / 0.2500 |", "",
+        "opinion-unaware: scored zero-shot against the checkpoint's prompts; no MOS of any dataset was used to train it."]
+    assert results_table({"best.pt": results["best.pt"]}, ["spaq"], training)[-1].startswith("| best.pt")
