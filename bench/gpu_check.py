@@ -447,6 +447,15 @@ def target_lines(rows):
     if peak is not None:
         lines.append(f"- Stage-1 peak memory at 8 images x 2 crops x 5 levels: {peak:.2f} GiB (target <= 24 GB = "
                      f"{TARGETS['stage1_peak_gib']:.2f} GiB: {'met' if peak <= TARGETS['stage1_peak_gib'] else 'missed'})")
+    parts = {"input path": by_name.get("stage1_degradation"), "training step": by_name.get("stage1_train")}
+    if "stage1_end_to_end" in by_name and all(parts.values()):
+        # Where Stage 1's time goes: each half alone (data workers + device degradations; forward/
+        # backward/optimizer on resident crops) against the whole; the slower half bounds the whole.
+        rates = {part: r["ours_per_s"] for part, r in parts.items()}
+        bound = min(rates, key=rates.get)
+        lines.append(f"- Stage-1 time: input path alone {rates['input path']:.0f} crops/s (stage1_degradation), "
+                     f"training step alone {rates['training step']:.0f} crops/s (stage1_train), end to end "
+                     f"{by_name['stage1_end_to_end']['ours_per_s']:.0f}: bound by the {bound}")
     return lines
 
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.gpu_check import CHECK_NAMES, Check, CheckFailed, run_checks, run_logged
+from bench.gpu_check import (
+    CHECK_NAMES, Check, CheckFailed, compile_vs_eager, markdown, run_checks, run_logged, target_lines,
+)
 from tests.helpers import assert_user_error, run_cli
 
 # stage1 / stage2 run the same code as their torchrun variants with plain python; left out for time.
@@ -119,3 +121,36 @@ def test_jpeg_agreement_reference_is_the_worker_path():
 def test_jpeg_agreement_needs_cuda():
     result = run_cli("bench/jpeg_agreement.py", "--out", "unused.json", timeout=300)
     assert_user_error(result, "needs a CUDA GPU")
+
+
+def test_target_lines_judge_the_bench_rows_against_the_targets():
+    rows = [{"name": "stage1_degradation", "ours_per_s": 5200.0}, {"name": "stage1_train", "ours_per_s": 3400.0},
+            {"name": "stage1_end_to_end", "ours_per_s": 3100.0, "ours_peak_gib": 30.0},
+            {"name": "stage2_train", "ours_per_s": 2999.0}]
+    lines = target_lines(rows)
+    assert lines[0] == "- stage1_end_to_end: 3100 trained crops/s (target >= 3000: met)"
+    assert lines[1] == "- stage2_train: 2999 patches/s (target >= 3000: missed)"
+    # 24 GB = 22.35 GiB
+    assert lines[2].startswith("- Stage-1 peak memory") and "22.35 GiB: missed" in lines[2]
+    assert lines[3].endswith("end to end 3100: bound by the training step")
+    assert target_lines([{"name": "stage2_sampling", "ours_per_s": 1.0}]) == []
+
+
+def test_markdown_of_a_cuda_report_lists_checks_rows_compile_and_targets():
+    report = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-27", "torch": "2.11.0", "cuda": "13.0",
+              "checks": [{"name": "stage1", "status": "PASS", "seconds": 41.0, "reason": "", "log": "/w/logs/stage1.log"},
+                         {"name": "stage2", "status": "FAIL", "seconds": 3.5, "reason": "exit status 1: boom",
+                          "log": "/w/logs/stage2.log"}],
+              "bench": [{"name": "stage2_train", "unit": "patches/s", "baseline_per_s": 900.0, "ours_per_s": 3100.0,
+                         "ratio": 3.44, "ours_peak_gib": 12.5}],
+              "compile_vs_eager": compile_vs_eager([
+                  {"name": "stage1", "status": "PASS", "details": {"epoch_time_s": [9.0, 4.0]}},
+                  {"name": "stage1_compile", "status": "PASS", "details": {"epoch_time_s": [60.0, 3.2]}}]),
+              "jpeg_cuda": {}}
+    assert report["compile_vs_eager"] == {"stage1": {"eager_epoch2_s": 4.0, "compile_epoch2_s": 3.2, "speedup": 1.25}}
+    text = markdown(report).splitlines()
+    assert text[0] == "### NVIDIA H100 80GB HBM3 (2026-11-27, torch 2.11.0, CUDA 13.0)"
+    assert "| stage2 | FAIL | 3.5 | exit status 1: boom | stage2.log |" in text
+    assert "| stage2_train (patches/s) | 900.0 | 3100.0 | 3.44x | 12.5 |" in text
+    assert "- stage1 --compile: epoch 2 in 3.2 s against 4.0 s eager (1.25x)" in text
+    assert text[-1] == "- stage2_train: 3100 patches/s (target >= 3000: met)"
