@@ -26,7 +26,7 @@ import os
 
 from iqa.datasets import list_image_files
 from iqa.evaluation import csv_text
-from iqa.runtime import UserError, amp_dtype, atomic_write_json, resolve_device, run_cli
+from iqa.runtime import UserError, amp_dtype, append_text, atomic_write_json, resolve_device, run_cli
 from iqa.scoring import CHUNK_SIZE, add_scoring_arguments, check_new_output, check_scoring_arguments, load_scorer
 
 RESUME_CHECKED = ("checkpoint", "resize", "patch_size", "test_patch_num")  # settings a resumed run must share
@@ -64,14 +64,6 @@ def settings_path(output):
 
 def unreadable_path(output):
     return f"{os.path.splitext(output)[0]}_unreadable.csv"
-
-
-def append_text(path, text):
-    """Append and force to disk: a killed run loses at most the chunk it was scoring."""
-    with open(path, "a", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def drop_partial_last_line(path):

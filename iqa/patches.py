@@ -45,15 +45,19 @@ def resized_size(width, height, resize, patch_size):
     return max(patch_size, round(width * scale)), max(patch_size, round(height * scale))
 
 
-def load_resized(sample, resize, patch_size):
-    """One sample -> uint8 ``3×H×W`` tensor, resized with PIL bicubic (antialiased); a fixed
+def resize_rgb(image, resize, patch_size):
+    """An RGB PIL image -> uint8 ``3×H×W`` tensor, resized with PIL bicubic (antialiased); a fixed
     ``[width, height]`` with PIL bilinear, which is what HyperIQA's torchvision ``Resize((h, w))``
     does to PIL images."""
-    image = datasets.load_rgb(sample.path, sample.origin)
     size = resized_size(*image.size, resize, patch_size)
     if size != image.size:
         image = image.resize(size, Image.BILINEAR if isinstance(resize, (list, tuple)) else Image.BICUBIC)
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def load_resized(sample, resize, patch_size):
+    """One sample decoded and resized by ``resize_rgb``."""
+    return resize_rgb(datasets.load_rgb(sample.path, sample.origin), resize, patch_size)
 
 
 def decode_threads(world_size=1):

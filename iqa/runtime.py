@@ -76,12 +76,17 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2) + "\n")
 
 
-def append_jsonl(path, record):
-    """Append one JSON line (``log.jsonl``); flushed and fsynced so a kill loses no epoch."""
-    with open(path, "a") as f:
-        f.write(json.dumps(to_jsonable(record)) + "\n")
+def append_text(path, text):
+    """Append ``text`` and force it to disk: a killed run loses nothing it reported as written."""
+    with open(path, "a", newline="") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def append_jsonl(path, record):
+    """Append one JSON line (``log.jsonl``) with ``append_text``."""
+    append_text(path, json.dumps(to_jsonable(record)) + "\n")
 
 
 def write_jsonl(path, records):

@@ -23,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -31,7 +30,7 @@ from tqdm import tqdm
 
 from iqa.datasets import Sample
 from iqa.evaluation import EvalOptions, predict_images
-from iqa.patches import DEFAULT_RESIZE, decode_threads, load_resized, resized_size, to_model_input
+from iqa.patches import DEFAULT_RESIZE, decode_threads, load_resized, resize_rgb, to_model_input
 from iqa.runtime import UserError, autocast, check_writable_path, safe_load
 from models.clip_image_encoder import ENCODER_FORMAT as CLIP_ENCODER_FORMAT
 from models.clip_image_encoder import ClipImageEncoder, is_release
@@ -50,14 +49,6 @@ def other_dataset_resize(resize):
     [width, height] belongs to the dataset it was set for (``--protocol hyperiqa``'s KonIQ-10k size),
     so other images keep their aspect at the default shorter side."""
     return DEFAULT_RESIZE if isinstance(resize, (list, tuple)) else resize
-
-
-def resize_rgb(image, resize, patch_size):
-    """An RGB PIL image resized as ``iqa.patches.load_resized`` resizes a decoded file -> uint8 3×H×W tensor."""
-    size = resized_size(*image.size, resize, patch_size)
-    if size != image.size:
-        image = image.resize(size, Image.BILINEAR if isinstance(resize, (list, tuple)) else Image.BICUBIC)
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 def predict_whole_images(score_fn, images, device, opts, progress=False, desc="score"):
