@@ -1,9 +1,11 @@
-"""Stage 1: QualiCLIP-style self-supervised pretraining of a Swin encoder (no MOS labels).
+"""Stage 1: QualiCLIP-style self-supervised pretraining of a quality encoder (no MOS labels).
 
 Clean images are cropped twice (overlapping), degraded at L increasing levels of one synthetic
-distortion, encoded by Swin + projection head into the CLIP text space, and trained so that
-similarity to the frozen positive prompt falls and similarity to the negative prompt rises
-with degradation, while both crops of one level agree (docs/method.md).
+distortion (or, with ``--degradations arniqa``, one composition of ARNIQA's), encoded by Swin +
+projection head into the CLIP text space (``--encoder swin``) or by CLIP's own image tower
+(``--encoder clip``, QualiCLIP proper), and trained so that similarity to the frozen positive
+prompt falls and similarity to the negative prompt rises with degradation, while both crops of
+one level agree (docs/method.md).
 
     python pretrain_qualiclip.py --data_root /path/to/koniq-10k --model_size base \
         --epochs 10 --batch_size 8 --lr 5e-5
@@ -48,7 +50,7 @@ ENCODERS = ("swin", "clip")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("QualiCLIP-style Stage-1 pretraining of a Swin encoder", add_help=True)
+    p = argparse.ArgumentParser("QualiCLIP-style Stage-1 pretraining of a Swin or CLIP image encoder", add_help=True)
     data = p.add_argument_group("data")
     data.add_argument("--data_root", default=None,
                       help="KonIQ-10k root; its training split provides the clean images and its validation "
@@ -410,7 +412,8 @@ def finish(encoder_ckpt, val_set, val_pred, history, args):
     """Write the encoder .pkl, results.json and plots (rank 0)."""
     pkl_path = encoder_pkl_path(args.save_dir, args)
     runtime.atomic_torch_save(encoder_ckpt, pkl_path)
-    results = {"model_size": args.model_size, "epochs": args.epochs, "encoder": pkl_path,
+    results = {"model": encoder_name(args), "model_size": args.model_size if args.encoder == "swin" else None,
+               "epochs": args.epochs, "encoder": pkl_path,
                "final_train": {k: v for k, v in history[-1].items() if k.startswith("train_")} if history else {}}
     for key in ("feature_spread", "level_ranking_accuracy"):
         if history and key in history[-1]:
