@@ -22,7 +22,6 @@ from iqa.evaluation import evaluate, make_eval_set, parse_dataset_specs
 from iqa import plots
 from iqa.datasets import read_index
 from iqa.distributed import broadcast_object, cleanup_distributed, init_distributed
-from iqa.metrics import all_metrics
 from iqa.runtime import UserError, amp_dtype, atomic_write_json, atomic_write_text, run_cli, timestamp
 from iqa.scoring import add_scoring_arguments, check_new_output, check_scoring_arguments, load_scorer
 
@@ -70,21 +69,6 @@ def results_table(results, names, training):
     return lines
 
 
-def evaluate_scorer(scorer, eval_set, dist_info, opts):
-    """``iqa.evaluation.evaluate`` for crop scorers; a whole-image scorer scores its images in this process."""
-    if scorer.patch_size is not None:
-        return evaluate(scorer.score, eval_set, dist_info, opts)
-    if dist_info.enabled:
-        raise UserError(f"a {scorer.kind} checkpoint is scored on whole images in one process; run "
-                        f"cross_dataset_test.py without torchrun for it")
-    pred = scorer.score_images(eval_set.images, opts, progress=True).numpy()
-    try:
-        return all_metrics(pred, [s.mos for s in eval_set.samples]), pred
-    except ValueError as err:
-        raise UserError(f"'{eval_set.name}': {err} (the checkpoint's model diverged or overflowed; use "
-                        f"--amp off or another checkpoint)") from None
-
-
 def run(args, dist_info):
     check_scoring_arguments(args)
     specs = parse_dataset_specs(args.datasets, "--datasets")
@@ -107,7 +91,7 @@ def run(args, dist_info):
             key = (name, scorer.resize, scorer.min_side)
             if key not in eval_sets:  # decoded once, shared by checkpoints with the same settings
                 eval_sets[key] = make_eval_set(name, samples[name], scorer.resize, scorer.min_side, dist_info)
-            metrics, pred = evaluate_scorer(scorer, eval_sets[key], dist_info, opts)
+            metrics, pred = evaluate(scorer.score, eval_sets[key], dist_info, opts, predict=scorer.predict)
             results[ckpt][name] = metrics
             plots_to_write.append((ckpt, name, pred))
     if dist_info.is_main:  # all outputs at the end: a bad later checkpoint leaves nothing half-written

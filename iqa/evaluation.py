@@ -101,12 +101,14 @@ def predict_images(score_fn, images, device, opts, progress=True, desc="eval"):
     return (sums / opts.patch_num).cpu()
 
 
-def evaluate(score_fn, eval_set, dist_info, opts):
+def evaluate(score_fn, eval_set, dist_info, opts, predict=predict_images):
     """Predict every image of ``eval_set`` (ranks share the work) -> (metrics, predictions).
 
-    Predictions are on the training MOS scale for a set with bounds, else the model's own scores."""
-    local = predict_images(score_fn, eval_set.images, dist_info.device, opts, progress=dist_info.is_main,
-                           desc=f"eval {eval_set.name}")
+    ``predict`` turns a rank's images into scores (grid crops by default; ``iqa.scoring`` passes its
+    whole-image path for scorers without crops).  Predictions are on the training MOS scale for a
+    set with bounds, else the model's own scores."""
+    local = predict(score_fn, eval_set.images, dist_info.device, opts, progress=dist_info.is_main,
+                    desc=f"eval {eval_set.name}")
     scores = all_gather_cat(local.to(dist_info.device), dist_info).cpu()
     order = all_gather_cat(torch.tensor(eval_set.indices, dtype=torch.long, device=dist_info.device), dist_info).cpu()
     full = torch.empty(len(eval_set.samples), dtype=torch.float64)

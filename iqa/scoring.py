@@ -120,11 +120,16 @@ class Scorer:
         ``patch_size`` is None)."""
         return EvalOptions(self.test_patch_num, self.patch_size, batch_size, amp, num_workers=num_workers)
 
+    @property
+    def predict(self):
+        """How images become scores: averaged grid crops, or whole images when ``patch_size`` is None
+        (the ``predict`` argument of ``iqa.evaluation.evaluate``)."""
+        return predict_whole_images if self.patch_size is None else predict_images
+
     def score_images(self, images, opts, progress=False):
         """Decoded, already resized uint8 3×H×W images -> (N,) float64 scores."""
         self.model.eval()
-        predict = predict_whole_images if self.patch_size is None else predict_images
-        return predict(self.score, images, self.device, opts, progress=progress, desc="score")
+        return self.predict(self.score, images, self.device, opts, progress=progress, desc="score")
 
     def __call__(self, images, batch_size=DEFAULT_BATCH_SIZE, amp=None):
         """``images``: an (N, 3, H, W) tensor or a list of (3, H, W) tensors, RGB, float in [0, 1]

@@ -197,20 +197,18 @@ def test_whole_image_scorer_scores_each_full_image(files):
     assert tuple(scorer.prepare(tiny).shape) == (3, MIN_WHOLE_IMAGE_SIDE, 48)
 
 
-def test_cross_dataset_scores_a_whole_image_scorer_in_one_process(files):
-    from cross_dataset_test import evaluate_scorer
+def test_evaluate_scores_a_whole_image_scorer_through_its_predict(files):
     from iqa.distributed import DistInfo
-    from iqa.evaluation import make_eval_set
+    from iqa.evaluation import evaluate, make_eval_set, predict_images
     from iqa.metrics import all_metrics
 
     scorer = Scorer(MeanColour(), kind="test", resize=0, patch_size=None, test_patch_num=1)
+    assert scorer.predict is not predict_images
     samples = [Sample(str(p), mos, None, None) for p, mos in zip(files["images"], (3.0, 1.0, 2.0))]
     eval_set = make_eval_set("three", samples, 0, scorer.min_side, DistInfo())
-    metrics, pred = evaluate_scorer(scorer, eval_set, DistInfo(), scorer.options(batch_size=2))
+    metrics, pred = evaluate(scorer.score, eval_set, DistInfo(), scorer.options(batch_size=2), predict=scorer.predict)
     np.testing.assert_allclose(pred, scorer.score_paths(files["images"]).numpy(), rtol=0, atol=1e-12)
     assert metrics == all_metrics(pred, [3.0, 1.0, 2.0])
-    with pytest.raises(UserError, match="without torchrun"):
-        evaluate_scorer(scorer, eval_set, DistInfo(torchrun=True), scorer.options())
 
 
 def test_cross_dataset_table_marks_the_opinion_unaware_rows(files):
