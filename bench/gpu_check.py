@@ -114,21 +114,36 @@ class Check:
     skip_reason: str = ""  # non-empty: not run, reported as SKIP
 
 
-def run_logged(argv, log_path, timeout_s, env=None):
-    """Run ``argv`` with stdout and stderr appended to ``log_path``; the whole process group is killed
-    at ``timeout_s``.  Returns the log text of this run; a non-zero exit raises CheckFailed."""
+def start_logged(argv, log):
+    """``argv`` in its own process group, stdout and stderr to the open file ``log``, offline, unbuffered."""
+    return subprocess.Popen(list(map(str, argv)), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"},
+                            start_new_session=True)
+
+
+def stop(process):
+    """End ``process``'s group: SIGTERM first (torchrun then stops its workers, which run in sessions of
+    their own), SIGKILL after 15 s."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def run_logged(argv, log_path, timeout_s):
+    """Run ``argv`` with stdout and stderr appended to ``log_path``; stopped (``stop``) at ``timeout_s``.
+    Returns the log text of this run; a non-zero exit raises CheckFailed."""
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(map(str, argv))}\n")
         log.flush()
         start = log.tell()
-        process = subprocess.Popen(list(map(str, argv)), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})},
-                                   start_new_session=True)
+        process = start_logged(argv, log)
         try:
             returncode = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            stop(process)
             raise CheckFailed(f"timed out after {timeout_s:.0f} s") from None
     with open(log_path) as log:
         log.seek(start)
@@ -313,11 +328,9 @@ def stage2_resume_check(epochs):
         run_dir = context.run_dir(name)
         deadline = time.monotonic() + timeout_s
         with open(log_path, "a") as log:
-            process = subprocess.Popen(context.python(context.stage2_argv(run_dir, epochs)), cwd=ROOT, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True,
-                                       env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
+            process = start_logged(context.python(context.stage2_argv(run_dir, epochs)), log)
             reached = wait_for_epochs(run_dir, process, 1, timeout_s / 2)
-            os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)  # a hard kill: no chance to save anything
             process.wait()
         if not reached:
             raise CheckFailed("the run ended or stalled before its first epoch was logged")
