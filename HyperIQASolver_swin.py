@@ -151,7 +151,8 @@ class HyperIQASolver:
         self.loss_fn = LOSSES[args.loss_type]
 
         on_device = args.cache_on_device
-        images = cache_images(train_samples, args.resize, args.patch_size, threads=decode_threads(dist_info.world_size),
+        images = cache_images(train_samples, args.resize, args.patch_size,
+                              threads=decode_threads(dist_info.local_world_size),
                               device=self.device if on_device else None, desc="decode train",
                               progress=dist_info.is_main)
         targets = normalize_mos(np.array([s.mos for s in train_samples], dtype=np.float64), self.bounds)

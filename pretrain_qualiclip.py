@@ -318,8 +318,8 @@ def train(args, dist_info):
     level_paths = (choose_images(heldout_paths, args.level_eval_images, args.split_seed)
                    if args.level_eval_images else [])
     # Workers decode lazily, so a bad file would otherwise only show up mid-epoch.
-    verify_images(train_images + [(path, None) for path in level_paths], threads=decode_threads(dist_info.world_size),
-                  progress=dist_info.is_main)
+    verify_images(train_images + [(path, None) for path in level_paths],
+                  threads=decode_threads(dist_info.local_world_size), progress=dist_info.is_main)
     dataset = PretrainDataset([path for path, _ in train_images], args.crop_size, args.distortion_types,
                               args.num_levels, args.degrade_on, args.seed, resize=args.resize,
                               degradations=args.degradations, arniqa_groups=args.arniqa_groups,

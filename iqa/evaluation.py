@@ -81,7 +81,7 @@ def make_eval_set(name, samples, resize, patch_size, dist_info, *, bounds=None, 
         raise UserError(f"{name} has {len(samples)} image(s); correlation metrics need at least 2")
     indices = list(range(dist_info.rank, len(samples), dist_info.world_size))
     images = cache_images([samples[i] for i in indices], resize, patch_size,
-                          threads=decode_threads(dist_info.world_size),
+                          threads=decode_threads(dist_info.local_world_size),
                           device=dist_info.device if on_device else None,
                           desc=f"decode {name}", progress=dist_info.is_main)
     return EvalSet(name, list(samples), None if bounds is None else tuple(bounds), indices, images)

@@ -60,8 +60,9 @@ def load_resized(sample, resize, patch_size):
     return resize_rgb(datasets.load_rgb(sample.path, sample.origin), resize, patch_size)
 
 
-def decode_threads(world_size=1):
-    return max(1, min(16, (os.cpu_count() or 1) // max(1, world_size)))
+def decode_threads(processes_per_node=1):
+    """Decoding threads per process: the node's cores shared by the processes on that node."""
+    return max(1, min(16, (os.cpu_count() or 1) // max(1, processes_per_node)))
 
 
 def _parallel_map(fn, items, threads, desc, progress):

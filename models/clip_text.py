@@ -24,7 +24,6 @@ import logging
 import os
 import zipfile
 
-import open_clip
 import torch
 import torch.nn.functional as F
 
@@ -73,12 +72,16 @@ def _is_torchscript_archive(path):
 
 
 def _create_model(clip_model, **kwargs):
+    import open_clip  # imported when used: --text_features runs need no open_clip
+
     if clip_model not in open_clip.list_models():
         raise UserError(f"--clip_model '{clip_model}' is not an open_clip model (e.g. RN50, RN50-quickgelu, ViT-B-32)")
     return open_clip.create_model(clip_model, **kwargs)
 
 
 def _load_from_file(clip_model, clip_weights):
+    import open_clip
+
     if not os.path.isfile(clip_weights):
         raise UserError(f"--clip_weights '{clip_weights}' does not exist; check the path")
     if _is_torchscript_archive(clip_weights):
@@ -103,6 +106,8 @@ def _load_from_file(clip_model, clip_weights):
 
 
 def _load_openai_pretrained(clip_model):
+    import open_clip
+
     tag = open_clip.get_pretrained_cfg(clip_model, "openai")
     cache = _hf_cache_dir()
     if not tag:
@@ -122,6 +127,8 @@ def _load_openai_pretrained(clip_model):
 @contextlib.contextmanager
 def _open_clip_errors_dropped():
     """Drop ERROR records that open_clip logs on the root logger (it logs, then raises) while active."""
+    import open_clip
+
     package = os.path.dirname(open_clip.__file__) + os.sep
 
     def keep(record):
@@ -155,6 +162,8 @@ def compute_text_features(prompt_set="good_bad", clip_model="RN50", clip_weights
     model = load_clip_model(clip_model, clip_weights)
     del model.visual  # only the text tower is used; free the image tower before moving to the device
     model = model.to(device).eval().requires_grad_(False)
+    import open_clip
+
     tokenizer = open_clip.get_tokenizer(clip_model, context_length=model.context_length)
     encode = encode_prompt_features if per_pair else encode_prompt_pairs
     return encode(model, tokenizer, pairs, device).cpu(), [tuple(pair) for pair in pairs]
