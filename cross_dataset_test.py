@@ -21,7 +21,7 @@ import os
 from iqa.evaluation import evaluate, make_eval_set, parse_dataset_specs
 from iqa import plots
 from iqa.datasets import read_index
-from iqa.distributed import broadcast_object, cleanup_distributed, init_distributed
+from iqa.distributed import broadcast_object, distributed_session
 from iqa.runtime import UserError, amp_dtype, atomic_write_json, atomic_write_text, run_cli, timestamp
 from iqa.scoring import add_scoring_arguments, check_new_output, check_scoring_arguments, load_scorer
 
@@ -108,11 +108,8 @@ def run(args, dist_info):
 
 
 def main(args):
-    dist_info = init_distributed(args.device)
-    try:
+    with distributed_session(args.device) as dist_info:
         return run(args, dist_info)
-    finally:
-        cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from iqa import runtime
 from iqa.datasets import DEFAULT_SPLIT_SEED, PROTOCOLS
-from iqa.distributed import barrier, broadcast_object, cleanup_distributed, init_distributed
+from iqa.distributed import barrier, broadcast_object, distributed_session
 from iqa.evaluation import make_eval_set
 from iqa.metrics import all_metrics
 from iqa.patches import DEFAULT_RESIZE, decode_threads, verify_images
@@ -276,11 +276,8 @@ def format_epoch(record, epochs):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    dist_info = init_distributed(args.device)
-    try:
+    with distributed_session(args.device) as dist_info:
         return train(args, dist_info)
-    finally:
-        cleanup_distributed()
 
 
 def resumed_state(args):

@@ -25,7 +25,7 @@ from HyperIQASolver_swin import (
     DEFAULT_TEST_PATCH_NUM, LOSSES, PATCH_SIZE, SCHEDULERS, HyperIQASolver, protocol_record,
 )
 from iqa.datasets import DATASET_NAMES, DEFAULT_SPLIT_SEED, HYPERIQA_RESIZE, PROTOCOLS, read_index, select_split
-from iqa.distributed import barrier, broadcast_object, cleanup_distributed, init_distributed
+from iqa.distributed import barrier, broadcast_object, distributed_session
 from iqa.evaluation import make_eval_set, parse_dataset_specs
 from iqa.patches import DEFAULT_RESIZE
 from iqa.runtime import (
@@ -378,11 +378,8 @@ def train(args, dist_info):
 
 
 def main(args):
-    dist_info = init_distributed(args.device)
-    try:
+    with distributed_session(args.device) as dist_info:
         return train(args, dist_info)
-    finally:
-        cleanup_distributed()
 
 
 if __name__ == "__main__":

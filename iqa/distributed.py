@@ -5,6 +5,7 @@ endpoint): ``RANK`` is the global rank (rank 0 alone writes the run directory), 
 picks this process's GPU on its node, ``LOCAL_WORLD_SIZE`` is the number of processes on it.
 Every helper is the identity (or a no-op) in a plain single process, so callers never branch on
 whether they run distributed."""
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -64,6 +65,17 @@ def init_distributed(device_flag="auto"):
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_session(device_flag="auto"):
+    """``init_distributed`` for the duration of a ``with`` block; the process group is destroyed when the
+    block ends, after an error too (an entry script's ``main`` runs its work inside one)."""
+    info = init_distributed(device_flag)
+    try:
+        yield info
+    finally:
+        cleanup_distributed()
 
 
 def barrier(info):

@@ -11,9 +11,10 @@ import torch
 import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import cross_dataset_test
 import pretrain_qualiclip
 import train_swin
-from iqa import runtime
+from iqa import distributed, runtime
 from iqa.distributed import DistInfo
 from iqa.runtime import UserError
 from iqa.training_run import (
@@ -262,19 +263,21 @@ def test_stage1_epoch_reads_the_device_only_every_log_every_steps(tmp_path, monk
 
 # ----------------------------------------------------------------------------- both entry scripts
 
-@pytest.mark.parametrize("script", [pretrain_qualiclip, train_swin])
-def test_main_leaves_the_process_group_even_when_training_fails(script, monkeypatch):
+@pytest.mark.parametrize("script, work, argv", [(pretrain_qualiclip, "train", []), (train_swin, "train", []),
+                                                (cross_dataset_test, "run", ["--checkpoint", "x.pt", "--datasets", "spaq=x"])])
+def test_main_leaves_the_process_group_even_when_its_work_fails(script, work, argv, monkeypatch):
     calls = []
-    monkeypatch.setattr(script, "init_distributed", lambda device: DistInfo())
-    monkeypatch.setattr(script, "cleanup_distributed", lambda: calls.append("cleanup"))
+    monkeypatch.setattr(distributed, "init_distributed", lambda device: calls.append(("init", device)) or DistInfo())
+    monkeypatch.setattr(distributed, "cleanup_distributed", lambda: calls.append("cleanup"))
 
     def fail(args, dist_info):
+        calls.append("work")
         raise UserError("stopped")
 
-    monkeypatch.setattr(script, "train", fail)
+    monkeypatch.setattr(script, work, fail)
     with pytest.raises(UserError, match="stopped"):
-        script.main(script.get_args_parser().parse_args([]))
-    assert calls == ["cleanup"]
+        script.main(script.get_args_parser().parse_args(argv + ["--device", "cpu"]))
+    assert calls == [("init", "cpu"), "work", "cleanup"]
 
 
 def read_scalars(directory):
