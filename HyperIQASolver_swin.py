@@ -49,7 +49,6 @@ from iqa.training_run import NonFiniteError as NonFiniteLossError  # noqa: F401 
 from models.hyperiqa_swin import CHECKPOINT_FORMAT, build_model
 
 PATCH_SIZE = 224          # the Swin backbones take 224×224 inputs
-DEFAULT_TEST_PATCH_NUM = 10
 FINAL_LR_RATIO = 0.01     # cosine ends at 1% of each group's LR
 STEP_LR_GAMMA = 0.1
 LOSSES = {

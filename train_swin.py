@@ -21,12 +21,10 @@ import os
 
 import numpy as np
 
-from HyperIQASolver_swin import (
-    DEFAULT_TEST_PATCH_NUM, LOSSES, PATCH_SIZE, SCHEDULERS, HyperIQASolver, protocol_record,
-)
+from HyperIQASolver_swin import LOSSES, PATCH_SIZE, SCHEDULERS, HyperIQASolver, protocol_record
 from iqa.datasets import DATASET_NAMES, DEFAULT_SPLIT_SEED, HYPERIQA_RESIZE, PROTOCOLS, read_index, select_split
 from iqa.distributed import barrier, broadcast_object, distributed_session
-from iqa.evaluation import make_eval_set, parse_dataset_specs
+from iqa.evaluation import DEFAULT_TEST_PATCH_NUM, make_eval_set, parse_dataset_specs
 from iqa.patches import DEFAULT_RESIZE
 from iqa.runtime import (
     UserError, atomic_write_json, check_output_dir, prepare_output_dir, run_cli, safe_load, save_args, timestamp,

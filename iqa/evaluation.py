@@ -34,6 +34,9 @@ from iqa.distributed import all_gather_cat
 from iqa.patches import EvalPatchDataset, cache_images, decode_threads, make_loader, to_model_input
 from iqa.runtime import UserError, atomic_write_text, autocast
 
+# Grid crops averaged per evaluated image: Stage 2, and Stage-1 .pkl files that predate eval_patch_num.
+DEFAULT_TEST_PATCH_NUM = 10
+
 
 def parse_dataset_specs(specs, flag):
     """``["spaq=/data/spaq", ...]`` -> {name: root}; names from ``iqa.datasets.DATASET_NAMES``."""

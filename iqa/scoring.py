@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from iqa.datasets import Sample
-from iqa.evaluation import EvalOptions, predict_images
+from iqa.evaluation import DEFAULT_TEST_PATCH_NUM, EvalOptions, predict_images
 from iqa.patches import DEFAULT_RESIZE, decode_threads, load_resized, resize_rgb, to_model_input
 from iqa.runtime import UserError, autocast, check_writable_path, safe_load
 from models.clip_image_encoder import ENCODER_FORMAT as CLIP_ENCODER_FORMAT
@@ -40,7 +40,6 @@ from models.swin_backbone import NATIVE_IMG_SIZE
 
 DEFAULT_BATCH_SIZE = 64
 CHUNK_SIZE = 256          # images decoded at a time by score_paths, so a long list never sits in memory at once
-STAGE1_PATCH_NUM = 10     # grid crops of a Stage-1 .pkl whose args do not name eval_patch_num (train_swin's default)
 MIN_WHOLE_IMAGE_SIDE = 32  # whole-image scoring upscales a smaller image: a ResNet's total stride, one feature position
 
 
@@ -242,7 +241,7 @@ def build_qualiclip_swin_encoder(ckpt, source):
     return ZeroShotModel(encoder, text_features), {
         "resize": args.get("eval_resize", args.get("resize", DEFAULT_RESIZE)),
         "patch_size": args.get("crop_size", NATIVE_IMG_SIZE),
-        "test_patch_num": args.get("eval_patch_num", STAGE1_PATCH_NUM),
+        "test_patch_num": args.get("eval_patch_num", DEFAULT_TEST_PATCH_NUM),
     }
 
 
