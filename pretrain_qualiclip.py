@@ -72,10 +72,10 @@ def get_args_parser():
                            "(0 = native size)")
     data.add_argument("--crop_size", type=int, default=224, help="crop side (a multiple of 32)")
     data.add_argument("--num_levels", type=int, default=5, help="degradation levels per type, 1..5 (evenly spaced)")
-    data.add_argument("--degradations", choices=DEGRADATIONS, default="original",
-                      help="original: one of --distortion_types per image; arniqa: ARNIQA's degradation model, one "
-                           "composition of 1..--max_distortions distortions from distinct groups per image "
-                           "(docs/degradations_arniqa.md)")
+    data.add_argument("--degradations", choices=(*DEGRADATIONS, "guide"), default="original",
+                      help="original (also accepted as guide): one of --distortion_types per image; arniqa: "
+                           "ARNIQA's degradation model, one composition of 1..--max_distortions distortions from "
+                           "distinct groups per image (docs/degradations_arniqa.md)")
     data.add_argument("--distortion_types", nargs="+", default=list(DISTORTION_TYPES),
                       help=f"--degradations original: subset of {', '.join(DISTORTION_TYPES)} (space or comma "
                            f"separated)")
@@ -170,6 +170,8 @@ def check_args(args):
     check_encoder_args(args)
     args.distortion_types = parse_distortion_types(args.distortion_types)
     select_levels(args.num_levels)
+    if args.degradations == "guide":
+        args.degradations = "original"
     if args.degradations == "arniqa":
         if args.distortion_types != list(DISTORTION_TYPES):
             raise UserError("--distortion_types selects the original model's types; with --degradations arniqa "

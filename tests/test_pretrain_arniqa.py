@@ -277,3 +277,11 @@ def test_cli_jpeg_on_cuda_without_a_gpu_is_a_one_line_error(tmp_path, text_featu
                      "--save_dir", tmp_path / "run", "--device", "cpu", "--jpeg_on", "cuda")
     assert_user_error(result, "--jpeg_on cuda needs a CUDA GPU")
     assert not (tmp_path / "run").exists()
+
+
+def test_guide_is_another_name_of_the_original_degradations():
+    import pretrain_qualiclip
+
+    args = pretrain_qualiclip.get_args_parser().parse_args(["--degradations", "guide", "--device", "cpu"])
+    pretrain_qualiclip.check_args(args)
+    assert args.degradations == "original"
