@@ -127,6 +127,22 @@ def test_shipped_grids_parse_and_their_commands_are_accepted(tmp_path, name):
     assert cells and baselines
 
 
+def test_dry_run_lists_every_command_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = run_ablation.get_args_parser().parse_args(["--demo", "--dry_run", "--output", str(out)])
+    assert run_ablation.main(args) is None
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(f"2 cells x 2 seeds, 1 shared baseline(s); output {out}")
+    assert [line.split(":")[0] for line in lines[1:]] == [
+        "baseline finetune", "baseline cross_dataset",
+        *(f"distortion_types-{c} {step}" for c in ("blur+jpeg+noise", "blur+noise")
+          for step in ("pretrain", "finetune", "cross_dataset"))]
+    assert "--distortion_types blur noise --data_root demo_data/koniq-10k" in lines[6]
+    assert not out.exists()
+    with pytest.raises(UserError, match="pass either --grid FILE or --demo"):
+        run_ablation.main(run_ablation.get_args_parser().parse_args([]))
+
+
 # ----------------------------------------------------------------------------- table
 
 def unit_results(name, kind, levels, baseline, values):
@@ -185,7 +201,7 @@ def tiny_grid(demo_root, text_features_file, **changes):
         "pretrain": {"model_size": "nano", "no_imagenet_pretrained": True, "epochs": 1, "batch_size": 4,
                      "crop_size": 64, "num_levels": 2, "resize": 96, "num_workers": 0, "eval_patch_num": 1,
                      "level_eval_images": 4, "text_features": str(text_features_file)},
-        "finetune": {"model_size": "nano", "no_imagenet_pretrained": True, "epochs": 2, "batch_size": 8,
+        "finetune": {"model_size": "nano", "no_imagenet_pretrained": True, "epochs": 1, "batch_size": 8,
                      "train_patch_num": 1, "test_patch_num": 1, "num_workers": 0, "lr_encoder_pretrained": 1e-5},
         "cross_dataset": {"test_patch_num": 1, "num_workers": 0},
         "factors": {"pretrain": {"distortion_types": [["blur"], ["noise"]]}},
