@@ -28,7 +28,7 @@ from torch import nn
 
 from iqa.patches import IMAGENET_MEAN, IMAGENET_STD
 from iqa.runtime import UserError, safe_load
-from models.quality_encoder import zero_shot_score
+from models.quality_encoder import stage1_checkpoint, zero_shot_score
 
 # open_clip (and models.clip_text, which imports it) is imported where a tower is built: it takes
 # seconds to import, and iqa.scoring imports this module for every checkpoint kind.
@@ -124,17 +124,10 @@ class ClipImageEncoder(nn.Module):
         return zero_shot_score(self(x), text_features)
 
     def checkpoint_dict(self, text_features, prompts, args_dict, train_images=()):
-        """The Stage-1 ``.pkl`` content (plain CPU tensors, strings and numbers), as
-        ``QualityEncoder.checkpoint_dict``; ``visual`` is the open_clip image tower's state dict."""
-        return {
-            "format": ENCODER_FORMAT,
-            "clip_model": self.clip_model,
-            "visual": {k: v.detach().cpu() for k, v in self.visual.state_dict().items()},
-            "text_features": text_features.detach().float().cpu(),
-            "prompts": [list(pair) for pair in prompts],
-            "args": dict(args_dict),
-            "train_images": list(train_images),
-        }
+        """The Stage-1 ``.pkl`` content (``models.quality_encoder.stage1_checkpoint``); ``visual`` is the
+        open_clip image tower's state dict."""
+        return stage1_checkpoint({"format": ENCODER_FORMAT, "clip_model": self.clip_model, "visual": self.visual},
+                                 text_features, prompts, args_dict, train_images)
 
     @classmethod
     def from_checkpoint(cls, ckpt, source):

@@ -40,6 +40,19 @@ def zero_shot_score(image_features, text_features):
     return prompt_pair_logits(image_features, text_features).softmax(dim=-1)[..., 0].mean(dim=-1)
 
 
+def stage1_checkpoint(own, text_features, prompts, args_dict, train_images=()):
+    """A Stage-1 ``.pkl`` dict: plain containers of CPU tensors, strings and numbers.
+
+    ``own``: the encoder's own entries (modules become CPU state dicts); every encoder adds its prompt
+    features, prompts, flags and ``train_images``, the names of the images trained on (relative to the
+    data root), so that Stage 2 can refuse to validate or test on any of them.
+    """
+    entries = {key: ({k: v.detach().cpu() for k, v in value.state_dict().items()}
+                     if isinstance(value, nn.Module) else value) for key, value in own.items()}
+    return {**entries, "text_features": text_features.detach().float().cpu(),
+            "prompts": [list(pair) for pair in prompts], "args": dict(args_dict), "train_images": list(train_images)}
+
+
 class QualityEncoder(nn.Module):
     """Swin -> global average pool of the last stage -> MLP projection to ``text_dim``."""
 
@@ -65,24 +78,10 @@ class QualityEncoder(nn.Module):
         return zero_shot_score(self(x), text_features)
 
     def checkpoint_dict(self, text_features, prompts, args_dict, train_images=()):
-        """The Stage-1 ``.pkl`` content: plain containers of CPU tensors, strings and numbers.
-
-        ``train_images``: the names of the images trained on (relative to the data root), so that
-        Stage 2 can refuse to validate or test on any of them.
-        """
-        def cpu_state(module):
-            return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-
-        return {
-            "format": ENCODER_FORMAT,
-            "model_size": self.model_size,
-            "encoder": cpu_state(self.backbone.swin),
-            "projection": cpu_state(self.projection),
-            "text_features": text_features.detach().float().cpu(),
-            "prompts": [list(pair) for pair in prompts],
-            "args": dict(args_dict),
-            "train_images": list(train_images),
-        }
+        """The Stage-1 ``.pkl`` content (see ``stage1_checkpoint``): the timm Swin and the projection head."""
+        return stage1_checkpoint({"format": ENCODER_FORMAT, "model_size": self.model_size,
+                                  "encoder": self.backbone.swin, "projection": self.projection},
+                                 text_features, prompts, args_dict, train_images)
 
     @classmethod
     def from_checkpoint(cls, ckpt, source):
