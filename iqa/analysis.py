@@ -247,7 +247,9 @@ def write_figure(fig, data, out_dir, stem):
 def plot_level_curves(data, out_dir, stem):
     rows = list(data["groups"].items())
     cols = max(len(names) for _, names in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(3.2 * cols, 2.8 * len(rows)), squeeze=False)
+    # Constrained layout keeps the suptitle clear of the top row's panel titles.
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3.2 * cols, 2.8 * len(rows)), squeeze=False,
+                             layout="constrained")
     for r, (group, names) in enumerate(rows):
         for c in range(cols):
             ax = axes[r][c]
@@ -268,7 +270,6 @@ def plot_level_curves(data, out_dir, stem):
                 ax.set_xlabel("level (0 = clean)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Quality vs. degradation level ({len(data['images'])} images)")
-    fig.tight_layout()
     return write_figure(fig, data, out_dir, stem)
 
 
@@ -467,7 +468,9 @@ def level_section(data):
             for label, per_name in data["checkpoints"].items() for name, curve in per_name.items()]
     return [f"Mean score per level over {len(data['images'])} images (band: {SPREAD}); level SRCC: SRCC of "
             f"score against minus the level (positive: the score falls as the distortion grows).", "",
-            *_table(["checkpoint", "distortion", *map(str, LEVELS), "level SRCC"], rows)]
+            *_table(["checkpoint", "distortion", *map(str, LEVELS), "level SRCC"], rows), "",
+            "Parameters of levels 1..5:", *(f"- {name}: {', '.join(map(str, params))}"
+                                            for name, params in data["params"].items())]
 
 
 def attention_section(data, skipped):

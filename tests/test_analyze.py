@@ -13,8 +13,9 @@ from scipy import stats
 from iqa.analysis import embed
 from iqa.patches import IMAGENET_MEAN, IMAGENET_STD, grid_offsets
 from iqa.runtime import UserError, safe_load
-from iqa.scoring import load_scorer
+from iqa.scoring import CHECKPOINT_KINDS, ZeroShotModel, has_format, load_scorer, register_kind
 from models.hyperiqa_swin import HyperIQASwin
+from models.quality_encoder import zero_shot_score
 from qualiclip_pretrain import arniqa
 from qualiclip_pretrain.degradation_generator import DISTORTION_TYPES, SyntheticDegradation
 from tests.helpers import assert_user_error, run_cli
@@ -245,6 +246,64 @@ def test_arniqa_level_curves(files, tmp_path):
         ladder = [clean] + [(arniqa.distort(clean.float() / 255, "darken", k) * 255).round().to(torch.uint8)
                             for k in range(1, 6)]
         np.testing.assert_allclose(row, scorer(ladder).numpy(), atol=1e-6)
+
+
+class TinyEncoder(torch.nn.Module):
+    """A stand-in for an encoder scored on whole images (as CLIP kinds are): conv, global average pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 8, stride=8)
+
+    def forward(self, x):
+        return self.conv(x).mean(dim=(2, 3))
+
+    def score(self, x, text_features):
+        return zero_shot_score(self(x), text_features)
+
+
+@pytest.fixture
+def whole_image_kind():
+    """A checkpoint kind registered after iqa.analysis was written, scored on whole images."""
+    @register_kind("test_whole_image", "a test whole-image encoder", has_format("test-whole-image/1"))
+    def build(ckpt, source):
+        encoder = TinyEncoder()
+        encoder.load_state_dict(ckpt["encoder"])
+        return ZeroShotModel(encoder, ckpt["text_features"]), {"resize": 0, "patch_size": None, "test_patch_num": 1}
+
+    yield
+    del CHECKPOINT_KINDS["test_whole_image"]
+
+
+@pytest.mark.slow
+def test_a_kind_registered_later_is_analysed_without_changes(files, tmp_path, whole_image_kind):
+    torch.manual_seed(0)
+    encoder = TinyEncoder()
+    path = tmp_path / "tiny.pt"
+    torch.save({"format": "test-whole-image/1", "encoder": encoder.state_dict(),
+                "text_features": F.normalize(torch.randn(2, 8), dim=1)}, path)
+    out = tmp_path / "out"
+    main(get_args_parser().parse_args(["--device", "cpu", "--num_workers", "0", "--checkpoint", str(path),
+                                       "--datasets", files["datasets"][0], "--image_dir", str(files["clean"]),
+                                       "--num_images", "2", "--figures", "levels", "feature_map",
+                                       "--output_dir", str(out)]))
+    levels = json.loads((out / "levels.json").read_text())
+    scorer = load_scorer(path)
+    clean = [torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((480, 384), Image.BICUBIC))).permute(2, 0, 1)
+             for p in levels["images"]]
+    np.testing.assert_allclose(np.array(levels["checkpoints"]["tiny.pt"]["brightness"]["scores"])[:, 0],
+                               scorer(clean).numpy(), atol=1e-6)
+    # The dataset feature map: PCA of the encoder's embeddings of the whole (native-size) images.
+    entry = json.loads((out / "feature_map.json").read_text())["datasets"]["tiny.pt"]
+    mean, std = np.array(IMAGENET_MEAN, dtype=np.float32), np.array(IMAGENET_STD, dtype=np.float32)
+    with torch.no_grad():
+        features = torch.cat([encoder(torch.from_numpy((np.asarray(Image.open(p).convert("RGB"), dtype=np.float32)
+                                                        / 255 - mean) / std).permute(2, 0, 1)[None])
+                              for p in entry["images"]]).double().numpy()
+    u, s, _ = np.linalg.svd(features - features.mean(axis=0), full_matrices=False)
+    expected, points = u[:, :2] * s[:2], np.array(entry["points"])
+    np.testing.assert_allclose(points * np.sign(np.sum(points * expected, axis=0)), expected,
+                               atol=1e-4 * np.abs(expected).max())
 
 
 @pytest.mark.slow
