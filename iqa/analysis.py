@@ -4,7 +4,7 @@ Every checkpoint is loaded by ``iqa.scoring.load_scorer`` (any registered kind) 
 as evaluation does.  Each figure is a PNG and a JSON of the numbers drawn, under one stem:
 
 * ``levels``: quality vs. degradation level.  Clean images are resized once (shorter side
-  ``DEGRADE_RESIZE``), degraded at levels 1..5 of each distortion type (level 0 = the clean
+  ``DEGRADE_RESIZE`` by default), degraded at levels 1..5 of each distortion type (level 0 = the clean
   image), and scored by every checkpoint; the curve is the mean over images with the sample
   standard deviation (ddof 1) as its band.  ``levels`` has the four synthetic types of
   ``qualiclip_pretrain.degradation_generator`` (``degrade_batch``), ``levels_arniqa`` ARNIQA's 24
@@ -31,7 +31,7 @@ from iqa.metrics import all_metrics, srcc
 from iqa.patches import DEFAULT_RESIZE, EvalPatchDataset, decode_threads, make_loader, to_model_input
 from iqa.runtime import UserError, atomic_write_json, autocast
 from iqa.scoring import load_scorer, resize_rgb
-from models.swin_backbone import NATIVE_IMG_SIZE, SwinBackbone
+from models.swin_backbone import SwinBackbone
 from qualiclip_pretrain import arniqa
 from qualiclip_pretrain.degradation_generator import DISTORTION_TYPES, LEVEL_PARAMS, NUM_LEVELS, degrade_batch
 
@@ -39,6 +39,7 @@ plt = plots.plt
 FIGURES = ("levels", "attention", "feature_map", "pred_vs_mos")
 EMBEDDINGS = ("pca", "tsne")
 DEGRADE_RESIZE = DEFAULT_RESIZE  # shorter side the clean images are degraded at (what Stage 2 sees)
+MIN_DEGRADE_RESIZE = 48  # ARNIQA's noneccpatch needs images of at least 48 pixels a side
 LEVELS = list(range(NUM_LEVELS + 1))  # 0 = clean
 SPREAD = "sample standard deviation (ddof 1) over images"
 STAGE_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
@@ -101,9 +102,9 @@ def dataset_sets(specs, split, max_images, seed):
     return sets
 
 
-def clean_images(paths):
-    """Files -> uint8 3×H×W tensors, shorter side ``DEGRADE_RESIZE`` (PIL bicubic), as degraded."""
-    return [resize_rgb(load_rgb(p), DEGRADE_RESIZE, NATIVE_IMG_SIZE) for p in paths]
+def clean_images(paths, resize=DEGRADE_RESIZE):
+    """Files -> uint8 3×H×W tensors with shorter side ``resize`` (PIL bicubic), to be degraded."""
+    return [resize_rgb(load_rgb(p), resize, resize) for p in paths]
 
 
 class DecodedImages:
@@ -217,7 +218,7 @@ def run_ladders(checkpoints, images, family, opts_of, seed, features_of=None):
     return scores, features
 
 
-def level_curve_data(family, scores, image_paths):
+def level_curve_data(family, scores, image_paths, degrade_resize):
     """The JSON of a level figure: per checkpoint and distortion the scores, their mean and spread per
     level, and ``level_srcc``: SRCC of score against minus the level over all (image, level) pairs
     (positive when the score falls as the distortion grows)."""
@@ -230,7 +231,7 @@ def level_curve_data(family, scores, image_paths):
                 "mean": values.mean(axis=0).tolist(), "std": values.std(axis=0, ddof=1).tolist(),
                 "level_srcc": srcc(values.ravel(), -levels.ravel()), "scores": values.tolist(),
             }
-    return {"levels": LEVELS, "spread": SPREAD, "degrade_resize": DEGRADE_RESIZE, "images": list(image_paths),
+    return {"levels": LEVELS, "spread": SPREAD, "degrade_resize": degrade_resize, "images": list(image_paths),
             "groups": family.groups, "params": {n: family.params[n] for n in family.names},
             "checkpoints": checkpoints}
 
@@ -323,6 +324,7 @@ def embed(features, method, seed):
     """(n, D) features -> ((n, 2) points, the PCA's explained variance ratio or None), as lists."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     if len(features) < 3:
         raise UserError(f"a feature map needs at least 3 images, got {len(features)}; raise --max_images or "
@@ -332,7 +334,10 @@ def embed(features, method, seed):
         return pca.fit_transform(features).tolist(), pca.explained_variance_ratio_.tolist()
     perplexity = min(30.0, (len(features) - 1) / 3)
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
-    return tsne.fit_transform(features).tolist(), None
+    # One thread: beside torch's OpenMP runtime, scikit-learn's threaded t-SNE took 18-57 s for 12
+    # points on 2 busy cores, against 0.1 s on one thread.
+    with threadpool_limits(1):
+        return tsne.fit_transform(features).tolist(), None
 
 
 def mos_colour_values(image_sets):

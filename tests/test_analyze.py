@@ -226,7 +226,10 @@ def test_refusals(files, tmp_path):
     with pytest.raises(UserError, match="--figures pred_vs_mos needs labelled images"):
         analyze("--checkpoint", run["stage1"], "--image_dir", run["clean"], "--figures", "pred_vs_mos",
                 "--output_dir", tmp_path / "d")
-    assert not any((tmp_path / d).exists() for d in "abcd")  # nothing written before the refusal
+    with pytest.raises(UserError, match="--degrade_resize 40 is too small"):
+        analyze("--checkpoint", run["stage1"], "--image_dir", run["clean"], "--degrade_resize", 40,
+                "--output_dir", tmp_path / "e")
+    assert not any((tmp_path / d).exists() for d in "abcde")  # nothing written before the refusal
 
 
 @pytest.mark.slow
@@ -234,14 +237,16 @@ def test_arniqa_level_curves(files, tmp_path):
     run = files
     out = tmp_path / "arniqa"
     analyze("--checkpoint", run["stage1"], "--image_dir", run["clean"], "--num_images", 2, "--figures", "levels",
-            "--arniqa", "--output_dir", out)
+            "--arniqa", "--degrade_resize", 128, "--test_patch_num", 1, "--output_dir", out)
     data = json.loads((out / "levels_arniqa.json").read_text())
     assert data["groups"] == {k: list(v) for k, v in arniqa.DISTORTION_GROUPS.items()}
     with Image.open(out / "levels_arniqa.png") as png:
         png.load()
-    scorer = scorer_of(run["stage1"])
+    scorer = load_scorer(run["stage1"])
+    scorer.test_patch_num = 1
+    assert data["degrade_resize"] == 128
     for image_path, row in zip(data["images"], data["checkpoints"]["encoder.pkl"]["darken"]["scores"]):
-        clean = torch.from_numpy(np.array(Image.open(image_path).convert("RGB").resize((480, 384), Image.BICUBIC)))
+        clean = torch.from_numpy(np.array(Image.open(image_path).convert("RGB").resize((160, 128), Image.BICUBIC)))
         clean = clean.permute(2, 0, 1)
         ladder = [clean] + [(arniqa.distort(clean.float() / 255, "darken", k) * 255).round().to(torch.uint8)
                             for k in range(1, 6)]

@@ -44,6 +44,8 @@ def get_args_parser():
                         help="clean images for the level curves and the synthetic feature map (default: the first "
                              "dataset's)")
     parser.add_argument("--num_images", type=int, default=16, help="clean images per level curve (seeded subset)")
+    parser.add_argument("--degrade_resize", type=int, default=analysis.DEGRADE_RESIZE,
+                        help="shorter side the clean images are resized to before they are degraded")
     parser.add_argument("--figures", nargs="+", choices=analysis.FIGURES, default=None,
                         help="figures to make (default: every one the inputs allow)")
     parser.add_argument("--arniqa", action="store_true", help="also level curves of ARNIQA's 24 distortions")
@@ -75,6 +77,9 @@ def check_args(args):
     check_scoring_arguments(args)
     if args.num_images < 2 or args.max_images < 0:
         raise UserError("--num_images must be at least 2 (the spread needs two images) and --max_images at least 0")
+    if args.degrade_resize < analysis.MIN_DEGRADE_RESIZE:
+        raise UserError(f"--degrade_resize {args.degrade_resize} is too small; pass at least "
+                        f"{analysis.MIN_DEGRADE_RESIZE} (ARNIQA's patch distortions need that many pixels a side)")
     if not args.datasets and not args.image_dir:
         raise UserError("no images: pass --datasets NAME=ROOT and/or --image_dir DIR")
     args.output_dir = args.output_dir or os.path.join("results", f"analysis_{timestamp()}")
@@ -109,16 +114,17 @@ def main(args):
     feature_fns = ({c.label: analysis.encoder_features(c) for c in checkpoints} if "feature_map" in figures
                    else None)
     if "levels" in figures or "feature_map" in figures:
-        clean = analysis.clean_images(level_paths)
+        clean = analysis.clean_images(level_paths, args.degrade_resize)
         scores, synthetic = analysis.run_ladders(checkpoints, clean, analysis.FOUR_TYPES, opts_of, args.seed,
                                                  feature_fns)
         if "levels" in figures:
-            data = analysis.level_curve_data(analysis.FOUR_TYPES, scores, level_paths)
+            data = analysis.level_curve_data(analysis.FOUR_TYPES, scores, level_paths,
+                                                   args.degrade_resize)
             png = analysis.plot_level_curves(data, args.output_dir, analysis.FOUR_TYPES.stem)
             sections.append(("Quality vs. degradation level", png, analysis.level_section(data)))
         if args.arniqa:
             scores, _ = analysis.run_ladders(checkpoints, clean, analysis.ARNIQA, opts_of, args.seed)
-            data = analysis.level_curve_data(analysis.ARNIQA, scores, level_paths)
+            data = analysis.level_curve_data(analysis.ARNIQA, scores, level_paths, args.degrade_resize)
             png = analysis.plot_level_curves(data, args.output_dir, analysis.ARNIQA.stem)
             sections.append(("Quality vs. degradation level: ARNIQA distortions", png, analysis.level_section(data)))
     if "attention" in figures:
