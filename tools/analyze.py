@@ -118,11 +118,10 @@ def main(args):
         scores, synthetic = analysis.run_ladders(checkpoints, clean, analysis.FOUR_TYPES, opts_of, args.seed,
                                                  feature_fns)
         if "levels" in figures:
-            data = analysis.level_curve_data(analysis.FOUR_TYPES, scores, level_paths,
-                                                   args.degrade_resize)
+            data = analysis.level_curve_data(analysis.FOUR_TYPES, scores, level_paths, args.degrade_resize)
             png = analysis.plot_level_curves(data, args.output_dir, analysis.FOUR_TYPES.stem)
             sections.append(("Quality vs. degradation level", png, analysis.level_section(data)))
-        if args.arniqa:
+        if args.arniqa and "levels" in figures:
             scores, _ = analysis.run_ladders(checkpoints, clean, analysis.ARNIQA, opts_of, args.seed)
             data = analysis.level_curve_data(analysis.ARNIQA, scores, level_paths, args.degrade_resize)
             png = analysis.plot_level_curves(data, args.output_dir, analysis.ARNIQA.stem)
