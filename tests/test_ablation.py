@@ -118,7 +118,7 @@ def test_yaml_grid_reads_like_the_json_one(tmp_path):
         run_ablation.load_grid(str(tmp_path / "bad.json"))
 
 
-@pytest.mark.parametrize("name", ["demo.json", "koniq_base.json"])
+@pytest.mark.parametrize("name", ["demo.json", "koniq_base.json", "koniq_degradations.json"])
 def test_shipped_grids_parse_and_their_commands_are_accepted(tmp_path, name):
     path = os.path.join(ROOT, "ablations", name)
     spec = run_ablation.parse_grid(run_ablation.load_grid(path), path)
