@@ -241,7 +241,7 @@ def level_curve_data(family, scores, image_paths, degrade_resize):
 def write_figure(fig, data, out_dir, stem):
     """``<stem>.png`` and ``<stem>.json`` in ``out_dir`` -> the PNG's file name."""
     atomic_write_json(os.path.join(out_dir, f"{stem}.json"), data)
-    plots._save(fig, os.path.join(out_dir, f"{stem}.png"))
+    plots.save_figure(fig, os.path.join(out_dir, f"{stem}.png"))
     return f"{stem}.png"
 
 

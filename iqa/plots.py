@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from iqa.runtime import atomic_write_binary  # noqa: E402
 
 
-def _save(fig, path):
+def save_figure(fig, path):
     # savefig through the project's temp-file + rename, so a kill never leaves half a PNG.
     atomic_write_binary(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
@@ -51,7 +51,7 @@ def plot_training_curves(records, path, title=""):
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_scatter(pred, mos, path, title="", metrics=None):
@@ -65,4 +65,4 @@ def plot_scatter(pred, mos, path, title="", metrics=None):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
