@@ -16,7 +16,9 @@ Output directory::
 
     grid.json                       the grid as read; a rerun with another grid is refused
     baselines/<name>/seed_<s>/      finetune/ (train_swin.py run), cross_dataset.json, logs/
-    cells/<name>/seed_<s>/          pretrain/, finetune/, cross_dataset.json, logs/
+    stage1/<levels>/seed_<s>/       pretrain/, logs/: one Stage-1 run per Stage-1 setting and seed, shared
+                                    by the cells that differ only in Stage-2 factors
+    cells/<name>/seed_<s>/          finetune/, cross_dataset.json, logs/
     {baselines,cells}/<name>/results.json   the seeds' numbers, copied from the runs' own files
     ablation.md / .csv / .json      one table: mean ± sample std (ddof 1) over seeds, and the
                                     seed-paired difference of each cell to its baseline
@@ -210,8 +212,11 @@ def unit_name(prefix, factors, labels):
 
 
 def expand(spec):
-    """Every cell (a combination of factor levels) and the baselines they share (one per Stage-2 setting)."""
+    """Every cell (a combination of factor levels) and the baselines they share (one per Stage-2 setting).
+
+    Cells that differ only in Stage-2 factors share their Stage-1 runs (``stage1``: the Stage-1 levels)."""
     finetune_factors = [f for f in spec["factors"] if f["stage"] == "finetune"]
+    pretrain_factors = [f for f in spec["factors"] if f["stage"] == "pretrain"]
     cells, baselines = [], {}
     for combo in itertools.product(*(list(f["levels"]) for f in spec["factors"])):
         labels = dict(zip((f["name"] for f in spec["factors"]), combo))
@@ -222,7 +227,8 @@ def expand(spec):
                                         {f["name"]: labels[f["name"]] for f in finetune_factors},
                                         "values": {"pretrain": {}, "finetune": values["finetune"]}})
         cells.append({"name": unit_name("", spec["factors"], labels), "kind": "cell", "labels": labels,
-                      "values": values, "baseline": baseline})
+                      "values": values, "baseline": baseline,
+                      "stage1": unit_name("", pretrain_factors, labels) or "default"})
     return cells, list(baselines.values())
 
 
@@ -230,31 +236,39 @@ def unit_dir(output, unit):
     return os.path.join(output, "cells" if unit["kind"] == "cell" else "baselines", unit["name"])
 
 
-def steps(spec, unit, seed_dir, seed):
-    """The (name, script, argv, run directory or None, file that marks it finished) of one seed of a unit.
+def stage1_dir(output, unit, seed):
+    """Where a cell's Stage-1 run of ``seed`` lives: shared by every cell with the same Stage-1 levels."""
+    return os.path.join(output, "stage1", unit["stage1"], f"seed_{seed}")
+
+
+def steps(spec, unit, output, seed):
+    """The (name, script, argv, run directory or None, file that marks it finished, log) of one seed of a unit.
 
     A cell's fine-tune names its encoder by ``ENCODER_PLACEHOLDER``: the .pkl is known once Stage 1 finished."""
     base = spec["base"]
     out = []
+    seed_dir = os.path.join(unit_dir(output, unit), f"seed_{seed}")
     finetune_dir = os.path.join(seed_dir, "finetune")
     finetune = [*flag_argv(base["finetune"]), *flag_argv(unit["values"]["finetune"]), "--dataset", "koniq-10k",
                 "--data_root", spec["data_root"], "--seed", str(seed), "--output_dir", finetune_dir]
     if unit["kind"] == "cell":
-        pretrain_dir = os.path.join(seed_dir, "pretrain")
+        pretrain_dir = os.path.join(stage1_dir(output, unit, seed), "pretrain")
         out.append(("pretrain", "pretrain_qualiclip.py",
                     [*flag_argv(base["pretrain"]), *flag_argv(unit["values"]["pretrain"]), "--data_root",
                      spec["data_root"], "--seed", str(seed), "--save_dir", pretrain_dir],
-                    pretrain_dir, os.path.join(pretrain_dir, "results.json")))
+                    pretrain_dir, os.path.join(pretrain_dir, "results.json"),
+                    os.path.join(stage1_dir(output, unit, seed), "logs", "pretrain.log")))
         finetune += ["--pretrained_encoder", ENCODER_PLACEHOLDER]
     else:
         finetune.append("--match_pretrained_lr")
-    out.append(("finetune", "train_swin.py", finetune, finetune_dir, os.path.join(finetune_dir, "results.json")))
+    out.append(("finetune", "train_swin.py", finetune, finetune_dir, os.path.join(finetune_dir, "results.json"),
+                os.path.join(seed_dir, "logs", "finetune.log")))
     if spec["cross_datasets"]:
         cross_json = os.path.join(seed_dir, "cross_dataset.json")
         out.append(("cross_dataset", "cross_dataset_test.py",
                     [*flag_argv(base["cross_dataset"]), "--checkpoint", os.path.join(finetune_dir, "best.pt"),
                      "--datasets", *(f"{n}={r}" for n, r in spec["cross_datasets"].items()), "--output", cross_json],
-                    None, cross_json))
+                    None, cross_json, os.path.join(seed_dir, "logs", "cross_dataset.log")))
     return out
 
 
@@ -273,7 +287,7 @@ def parse_checked(section, argv, grid_path):
 def check_commands(spec, units, output):
     """Every command of the grid parses with its script's parser (run before anything runs, and by --dry_run)."""
     for unit in units:
-        for name, _, argv, _, _ in steps(spec, unit, os.path.join(unit_dir(output, unit), "seed_0"), 0):
+        for name, _, argv, _, _, _ in steps(spec, unit, output, 0):
             args = parse_checked(name, argv, spec["path"])
             if name == "finetune":
                 train_swin.apply_protocol_defaults(args)
@@ -315,17 +329,15 @@ def run_seed(spec, unit, output, seed, python):
 
     A step that runs makes every later step of this seed stale (it read the earlier output), so their
     outputs are removed first.  A step directory with a checkpoint (last.pt) resumes; one without is
-    removed and started again."""
-    seed_dir = os.path.join(unit_dir(output, unit), f"seed_{seed}")
-    pretrain_results = os.path.join(seed_dir, "pretrain", "results.json")
+    removed and started again.  A Stage-1 run shared with an earlier cell is found finished."""
     stale = False
-    for name, script, argv, run_dir, done in steps(spec, unit, seed_dir, seed):
-        what = f"{unit['name']}/seed_{seed}/{name}"
+    for name, script, argv, run_dir, done, log_path in steps(spec, unit, output, seed):
+        what = f"{os.path.relpath(os.path.dirname(os.path.dirname(log_path)), output)}/{name}"
         if not stale and os.path.isfile(done):
             print(f"==> [{what}] finished earlier; skipped", flush=True)
             continue
         if ENCODER_PLACEHOLDER in argv:
-            encoder = read_json(pretrain_results)["encoder"]
+            encoder = read_json(os.path.join(stage1_dir(output, unit, seed), "pretrain", "results.json"))["encoder"]
             argv = [encoder if word == ENCODER_PLACEHOLDER else word for word in argv]
         if run_dir is not None and os.path.isdir(run_dir):
             if not stale and os.path.isfile(os.path.join(run_dir, "last.pt")):
@@ -335,21 +347,22 @@ def run_seed(spec, unit, output, seed, python):
         elif run_dir is None and os.path.isfile(done):
             os.unlink(done)
         start = time.time()
-        run_step(python, script, argv, os.path.join(seed_dir, "logs", f"{name}.log"), what)
+        run_step(python, script, argv, log_path, what)
         with open(os.path.join(output, "timings.tsv"), "a") as f:
             f.write(f"{what}\t{time.time() - start:.1f}\n")
         stale = True
-    return seed_record(spec, unit, seed_dir, seed)
+    return seed_record(spec, unit, output, seed)
 
 
-def seed_record(spec, unit, seed_dir, seed):
+def seed_record(spec, unit, output, seed):
     """The numbers of one seed, read from the runs' own results.json / cross_dataset.json."""
+    seed_dir = os.path.join(unit_dir(output, unit), f"seed_{seed}")
     finetune_dir = os.path.join(seed_dir, "finetune")
     results = read_json(os.path.join(finetune_dir, "results.json"))
     cross = read_json(os.path.join(seed_dir, "cross_dataset.json")) if spec["cross_datasets"] else {}
     record = {"seed": seed, "koniq_test": results["test"], "cross_dataset": cross_results(cross, finetune_dir)}
     if unit["kind"] == "cell":
-        pretrain = read_json(os.path.join(seed_dir, "pretrain", "results.json"))
+        pretrain = read_json(os.path.join(stage1_dir(output, unit, seed), "pretrain", "results.json"))
         record["pretrain"] = {k: pretrain[k] for k in ("zero_shot_val", "level_ranking_accuracy") if k in pretrain}
     return record
 
@@ -538,10 +551,12 @@ def main(args):
           f"baseline(s); output {output}", flush=True)
     check_commands(spec, [*baselines, *cells], output)
     if args.dry_run:
+        listed = set()  # a shared Stage-1 run is listed once
         for unit in [*baselines, *cells]:
-            for name, script, argv, _, _ in steps(spec, unit, os.path.join(unit_dir(output, unit), "seed_<s>"),
-                                                  "<s>"):
-                print(f"{unit['name']} {name}: {shlex.join([args.python, script, *argv])}")
+            for name, script, argv, _, done, _ in steps(spec, unit, output, "<s>"):
+                if done not in listed:
+                    print(f"{unit['name']} {name}: {shlex.join([args.python, script, *argv])}")
+                listed.add(done)
         return None
     if os.path.exists(output) and not os.path.isdir(output):
         raise UserError(f"--output '{output}' is a file; pass a directory")

@@ -50,18 +50,21 @@ def test_grid_expands_into_every_combination_with_one_baseline_per_stage2_settin
     cell = cells[5]  # noise, simple, 5e-6
     assert cell["values"] == {"pretrain": {"distortion_types": ["noise"], "loss_type": "simplified"},
                               "finetune": {"lr_encoder_pretrained": 5e-6}}
-    pretrain, finetune, cross = run_ablation.steps(spec, cell, str(tmp_path / "seed_1"), 1)
+    assert cell["stage1"] == cells[4]["stage1"] == "distortion_types-noise__loss_type-simple" != cells[6]["stage1"]
+    pretrain, finetune, cross = run_ablation.steps(spec, cell, str(tmp_path), 1)
     assert pretrain[0] == "pretrain" and pretrain[1] == "pretrain_qualiclip.py"
     args = run_ablation.parse_checked("pretrain", pretrain[2], "grid.json")
     assert (args.distortion_types, args.loss_type, args.seed, args.epochs, args.model_size) == \
         (["noise"], "simplified", 1, 1, "nano")
-    assert args.save_dir == str(tmp_path / "seed_1" / "pretrain")
+    assert args.save_dir == str(tmp_path / "stage1" / cell["stage1"] / "seed_1" / "pretrain")
+    assert pretrain[5] == str(tmp_path / "stage1" / cell["stage1"] / "seed_1" / "logs" / "pretrain.log")
     args = run_ablation.parse_checked("finetune", finetune[2], "grid.json")
     assert args.lr_encoder_pretrained == 5e-6 and args.pretrained_encoder == [run_ablation.ENCODER_PLACEHOLDER]
     assert args.attention_fusion and not args.use_multiscale and not args.match_pretrained_lr and args.seed == 1
     args = run_ablation.parse_checked("cross_dataset", cross[2], "grid.json")
-    assert args.checkpoint == [str(tmp_path / "seed_1" / "finetune" / "best.pt")] and args.datasets == ["spaq=spaq"]
-    baseline_steps = run_ablation.steps(spec, baselines[1], str(tmp_path / "b"), 0)
+    assert args.checkpoint == [str(tmp_path / "cells" / cell["name"] / "seed_1" / "finetune" / "best.pt")]
+    assert args.datasets == ["spaq=spaq"]
+    baseline_steps = run_ablation.steps(spec, baselines[1], str(tmp_path), 0)
     assert [s[0] for s in baseline_steps] == ["finetune", "cross_dataset"]
     args = run_ablation.parse_checked("finetune", baseline_steps[0][2], "grid.json")
     assert args.match_pretrained_lr and args.pretrained_encoder is None and args.lr_encoder_pretrained == 5e-6
@@ -143,6 +146,15 @@ def test_dry_run_lists_every_command_and_writes_nothing(tmp_path, capsys):
         run_ablation.main(run_ablation.get_args_parser().parse_args([]))
 
 
+def test_dry_run_lists_a_shared_stage1_run_once(tmp_path, capsys):
+    grid_path = os.path.join(ROOT, "ablations", "koniq_base.json")
+    run_ablation.main(run_ablation.get_args_parser().parse_args(["--grid", grid_path, "--dry_run", "--output",
+                                                                 str(tmp_path / "out")]))
+    steps = [line.split(":")[0].rsplit(" ", 1)[1] for line in capsys.readouterr().out.splitlines()[1:]]
+    # 3 distortion sets x 2 Stage-1 epochs = 6 Stage-1 settings; x 2 encoder LRs = 12 cells; 2 baselines
+    assert (steps.count("pretrain"), steps.count("finetune"), steps.count("cross_dataset")) == (6, 14, 14)
+
+
 # ----------------------------------------------------------------------------- table
 
 def unit_results(name, kind, levels, baseline, values):
@@ -218,7 +230,7 @@ def write_grid(path, spec):
 def run_files(out):
     """{path: mtime} of every file of the runs (not the table written at the end)."""
     return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
-            for folder in ("cells", "baselines") for d, _, files in os.walk(out / folder) for f in files}
+            for folder in ("stage1", "cells", "baselines") for d, _, files in os.walk(out / folder) for f in files}
 
 
 def check_table_against_runs(out, cells):
@@ -266,12 +278,13 @@ def test_ablation_end_to_end_skips_finished_cells_restarts_killed_ones_and_refus
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert json.loads((out / "grid.json").read_text()) == json.loads(grid_path.read_text())
     for name in cells:
-        seed_dir = out / "cells" / name / "seed_0"
-        assert {"pretrain.log", "finetune.log", "cross_dataset.log"} <= set(os.listdir(seed_dir / "logs"))
+        seed_dir, stage1_dir = out / "cells" / name / "seed_0", out / "stage1" / name / "seed_0"
+        assert set(os.listdir(seed_dir / "logs")) == {"finetune.log", "cross_dataset.log"}
+        assert os.listdir(stage1_dir / "logs") == ["pretrain.log"]
         finetune_args = json.loads((seed_dir / "finetune" / "args.json").read_text())
         assert os.path.samefile(finetune_args["pretrained_encoder"],
-                                seed_dir / "pretrain" / "swin_nano_qualiclip_pretrained.pkl")
-        pretrain_args = json.loads((seed_dir / "pretrain" / "args.json").read_text())
+                                stage1_dir / "pretrain" / "swin_nano_qualiclip_pretrained.pkl")
+        pretrain_args = json.loads((stage1_dir / "pretrain" / "args.json").read_text())
         assert pretrain_args["distortion_types"] == [name.split("-")[1]] and pretrain_args["seed"] == 0
     baseline_args = json.loads((out / "baselines" / "baseline" / "seed_0" / "finetune" / "args.json").read_text())
     assert baseline_args["match_pretrained_lr"] and baseline_args["pretrained_encoder"] is None
@@ -283,7 +296,8 @@ def test_ablation_end_to_end_skips_finished_cells_restarts_killed_ones_and_refus
     before = run_files(out)
     second = run_cli("run_ablation.py", "--grid", grid_path, "--output", out)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert second.stdout.count("finished earlier") == 3 and "==> [baseline/seed_0/finetune] " not in second.stdout
+    assert second.stdout.count("finished earlier") == 3 and "==> [baselines/baseline/seed_0/finetune] " not in \
+        second.stdout
     assert run_files(out) == before
     assert len((out / "timings.tsv").read_text().splitlines()) == steps_run
 
@@ -293,13 +307,13 @@ def test_ablation_end_to_end_skips_finished_cells_restarts_killed_ones_and_refus
     for path in (blur / "results.json", blur / "seed_0" / "finetune" / "results.json",
                  blur / "seed_0" / "cross_dataset.json", noise / "results.json"):
         path.unlink()
-    pretrain_dir = noise / "seed_0" / "pretrain"
+    pretrain_dir = out / "stage1" / "distortion_types-noise" / "seed_0" / "pretrain"
     for name in os.listdir(pretrain_dir):
         if name != "args.json":
             os.unlink(pretrain_dir / name)
     (pretrain_dir / "half_written").write_text("left by a kill")
     untouched = {p: t for p, t in run_files(out).items()
-                 if p.startswith(str(out / "baselines")) or p.startswith(str(blur / "seed_0" / "pretrain"))}
+                 if p.startswith(str(out / "baselines")) or p.startswith(str(out / "stage1" / "distortion_types-blur"))}
     third = run_cli("run_ablation.py", "--grid", grid_path, "--output", out)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert {p: os.path.getmtime(p) for p in untouched} == untouched
@@ -308,7 +322,7 @@ def test_ablation_end_to_end_skips_finished_cells_restarts_killed_ones_and_refus
                 if line.startswith("==> ")]
     assert len(commands) == 2 and commands[1].endswith(f"--resume {blur / 'seed_0' / 'finetune'}")
     assert not (pretrain_dir / "half_written").exists() and (pretrain_dir / "results.json").is_file()
-    commands = [line for line in (noise / "seed_0" / "logs" / "pretrain.log").read_text().splitlines()
+    commands = [line for line in (pretrain_dir.parent / "logs" / "pretrain.log").read_text().splitlines()
                 if line.startswith("==> ")]
     assert len(commands) == 2 and "--resume" not in commands[1]
     assert len((out / "timings.tsv").read_text().splitlines()) == steps_run + 2 + 3
@@ -329,6 +343,6 @@ def test_a_failing_step_stops_the_grid_and_names_its_log(tmp_path, demo_root, te
     grid_path = write_grid(tmp_path / "grid.json", tiny_grid(demo_root, text_features_file, data_root=str(empty)))
     result = run_cli("run_ablation.py", "--grid", grid_path, "--output", tmp_path / "out")
     log = tmp_path / "out" / "baselines" / "baseline" / "seed_0" / "logs" / "finetune.log"
-    assert_user_error(result, "step 'baseline/seed_0/finetune' failed", str(log))
+    assert_user_error(result, "step 'baselines/baseline/seed_0/finetune' failed", str(log))
     assert "error:" in log.read_text()
     assert not (tmp_path / "out" / "cells").exists() and not (tmp_path / "out" / "ablation.md").exists()
