@@ -132,6 +132,18 @@ def _unpickling_reason(err):
     return reason[:160]
 
 
+def checkpoint_format(ckpt):
+    """What a loaded file says it is, for error messages: its ``format``, or why it has none."""
+    return ckpt.get("format", "no 'format' key") if isinstance(ckpt, dict) else type(ckpt).__name__
+
+
+def require_format(ckpt, expected, source, what, advice):
+    """Refuse ``ckpt`` unless it is a dict of format ``expected``: one line naming the file and ``advice``."""
+    if not isinstance(ckpt, dict) or ckpt.get("format") != expected:
+        raise UserError(f"'{source}' is not {what} (format {checkpoint_format(ckpt)!r}, expected {expected!r}); "
+                        f"{advice}")
+
+
 def safe_load(path, what="checkpoint"):
     """``torch.load(path, weights_only=True)`` with one-line errors.
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iqa.patches import IMAGENET_MEAN, IMAGENET_STD
-from iqa.runtime import UserError, safe_load
+from iqa.runtime import UserError, checkpoint_format, safe_load
 from models.quality_encoder import stage1_checkpoint, zero_shot_score
 
 # open_clip (and models.clip_text, which imports it) is imported where a tower is built: it takes
@@ -142,9 +142,8 @@ class ClipImageEncoder(nn.Module):
         elif isinstance(ckpt, dict) and ckpt.get("format") == ENCODER_FORMAT:
             visual, clip_model, text_features = ckpt["visual"], ckpt["clip_model"], ckpt["text_features"].float()
         else:
-            found = ckpt.get("format", "no 'format' key") if isinstance(ckpt, dict) else type(ckpt).__name__
             raise UserError(f"'{source}' is neither a Stage-1 CLIP encoder .pkl (format {ENCODER_FORMAT!r}) nor "
-                            f"QualiCLIP's qualiclip.pth (found {found!r})")
+                            f"QualiCLIP's qualiclip.pth (found {checkpoint_format(ckpt)!r})")
         model = cls(clip_model)
         try:
             model.visual.load_state_dict({k: v.float() for k, v in visual.items()})

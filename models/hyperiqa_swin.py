@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from iqa.runtime import UserError, safe_load
+from iqa.runtime import UserError, require_format, safe_load
 from models.quality_encoder import ENCODER_FORMAT
 from models.swin_backbone import SwinBackbone, load_swin_weights
 
@@ -133,10 +133,8 @@ class HyperIQASwin(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt, source):
         """The Swin-HyperIQA of a ``train_swin.py`` checkpoint dict, built from the args stored in it."""
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            found = ckpt.get("format", "no 'format' key") if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise UserError(f"'{source}' is not a train_swin.py checkpoint (format {found!r}, expected "
-                            f"{CHECKPOINT_FORMAT!r}); pass a best.pt or last.pt from a train_swin.py run")
+        require_format(ckpt, CHECKPOINT_FORMAT, source, "a train_swin.py checkpoint",
+                       "pass a best.pt or last.pt from a train_swin.py run")
         model = build_model(ckpt["args"], load_backbone=False)
         try:
             model.load_state_dict(ckpt["model"])

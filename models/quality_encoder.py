@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iqa.runtime import UserError
+from iqa.runtime import UserError, require_format
 from models.swin_backbone import SwinBackbone, load_swin_weights
 
 ENCODER_FORMAT = "qualiclip-swin-encoder/1"
@@ -86,10 +86,8 @@ class QualityEncoder(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt, source):
         """Rebuild the encoder of a Stage-1 checkpoint dict -> ``(model, text_features)``."""
-        if not isinstance(ckpt, dict) or ckpt.get("format") != ENCODER_FORMAT:
-            found = ckpt.get("format", "no 'format' key") if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise UserError(f"'{source}' is not a Stage-1 encoder checkpoint (format {found!r}, "
-                            f"expected {ENCODER_FORMAT!r}); pass a .pkl written by pretrain_qualiclip.py")
+        require_format(ckpt, ENCODER_FORMAT, source, "a Stage-1 encoder checkpoint",
+                       "pass a .pkl written by pretrain_qualiclip.py")
         projection = ckpt["projection"]
         text_features = ckpt["text_features"].float()
         model = cls(ckpt["model_size"], text_dim=text_features.shape[-1], imagenet_pretrained=False,
