@@ -91,6 +91,11 @@ def get_args_parser():
     data.add_argument("--jpeg_on", choices=JPEG_ON, default="worker",
                       help="cuda: JPEG (not JPEG 2000) with nvjpeg on the GPU instead of libjpeg in the workers "
                            "(not pixel-identical to PIL; needs CUDA and --degrade_on device/auto)")
+    data.add_argument("--curriculum_types", nargs="+", default=[],
+                      help="--degradations original: distortion types drawn alone during the first "
+                           "--curriculum_epochs epochs (space or comma separated, a subset of --distortion_types)")
+    data.add_argument("--curriculum_epochs", type=int, default=0,
+                      help="epochs that draw only --curriculum_types (0: every epoch draws all types)")
     data.add_argument("--eval_resize", type=int, default=None,
                       help="shorter side of images for zero-shot eval (default: --resize)")
     data.add_argument("--eval_patch_num", type=int, default=5, help="grid crops averaged per image in zero-shot eval")
@@ -169,6 +174,7 @@ def check_args(args):
     """Validate and complete the flags of a new run (in place)."""
     check_encoder_args(args)
     args.distortion_types = parse_distortion_types(args.distortion_types)
+    args.curriculum_types = parse_distortion_types(args.curriculum_types) if args.curriculum_types else []
     select_levels(args.num_levels)
     if args.degradations == "guide":
         args.degradations = "original"
@@ -189,8 +195,8 @@ def check_args(args):
     for flag in ("epochs", "batch_size", "crop_size", "grad_accum", "eval_patch_num", "log_every"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
-    if args.num_workers < 0 or args.save_freq < 0:
-        raise UserError("--num_workers and --save_freq must be >= 0")
+    if args.num_workers < 0 or args.save_freq < 0 or args.curriculum_epochs < 0:
+        raise UserError("--num_workers, --save_freq and --curriculum_epochs must be >= 0")
     if not 0 <= args.heldout_fraction < 1:
         raise UserError(f"--heldout_fraction must be in [0, 1) (got {args.heldout_fraction})")
     if args.eval_resize is None:
@@ -322,7 +328,8 @@ def train(args, dist_info):
     dataset = PretrainDataset([path for path, _ in train_images], args.crop_size, args.distortion_types,
                               args.num_levels, args.degrade_on, args.seed, resize=args.resize,
                               degradations=args.degradations, arniqa_groups=args.arniqa_groups,
-                              max_distortions=args.max_distortions, jpeg_on=args.jpeg_on)
+                              max_distortions=args.max_distortions, jpeg_on=args.jpeg_on,
+                              curriculum_types=args.curriculum_types, curriculum_epochs=args.curriculum_epochs)
     if len(dataset) < args.batch_size * dist_info.world_size and dist_info.enabled:
         raise UserError(f"{len(dataset)} training images cannot fill one batch per GPU; lower --batch_size")
     loader = make_train_loader(dataset, args, dist_info)

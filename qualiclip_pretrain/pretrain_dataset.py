@@ -86,11 +86,13 @@ class PretrainDataset(Dataset):
     ``distortion_types``: the original model's types; ``arniqa_groups`` / ``max_distortions``: the
     ARNIQA model's groups (default all) and composition length (default ARNIQA's 4, at most the
     number of groups).
+    ``curriculum_types``, ``curriculum_epochs``: in the first ``curriculum_epochs`` epochs (``set_epoch``
+    counts from 0) the type is drawn from ``curriculum_types`` only, later from all ``distortion_types``.
     """
 
     def __init__(self, image_paths, crop_size=224, distortion_types=DISTORTION_TYPES, num_levels=5,
                  degrade_on="device", seed=0, resize=0, *, degradations="original", arniqa_groups=None,
-                 max_distortions=None, jpeg_on="worker"):
+                 max_distortions=None, jpeg_on="worker", curriculum_types=(), curriculum_epochs=0):
         if degrade_on not in ("device", "worker"):
             raise UserError(f"--degrade_on '{degrade_on}' is not one of device, worker (resolve auto first)")
         if degradations not in DEGRADATIONS:
@@ -99,12 +101,17 @@ class PretrainDataset(Dataset):
             raise UserError(f"--jpeg_on '{jpeg_on}' is not one of {', '.join(JPEG_ON)}")
         if jpeg_on == "cuda" and degrade_on == "worker":
             raise UserError("--jpeg_on cuda needs --degrade_on device (or auto on a CUDA device)")
+        if curriculum_epochs and not (curriculum_types and set(curriculum_types) <= set(distortion_types)):
+            raise UserError(f"--curriculum_types {' '.join(curriculum_types) or '(none)'} must be one or more of "
+                            f"--distortion_types {' '.join(distortion_types)}")
         self.image_paths = list(image_paths)
         self.crop_size = crop_size
         self.resize = resize
         self.degradations = degradations
         self.distortion_types = list(distortion_types)
         self.type_ids = [DISTORTION_TYPES.index(t) for t in self.distortion_types]
+        self.curriculum_types = list(curriculum_types)
+        self.curriculum_epochs = curriculum_epochs
         self.levels = select_levels(num_levels)
         self.degraders = {t: SyntheticDegradation(t, num_levels) for t in self.distortion_types}
         if degradations == "arniqa":
@@ -137,8 +144,9 @@ class PretrainDataset(Dataset):
         crops = self._crops(rng, index)
         if self.degradations == "arniqa":
             return self._arniqa_item(rng, crops, index)
-        choice = int(rng.integers(len(self.distortion_types)))
-        distortion_type = self.distortion_types[choice]
+        drawn_from = self.curriculum_types if self.epoch < self.curriculum_epochs else self.distortion_types
+        distortion_type = drawn_from[int(rng.integers(len(drawn_from)))]
+        choice = self.distortion_types.index(distortion_type)
         views = []
         for crop in crops:
             if self._needs_worker_degradation(distortion_type):

@@ -1,9 +1,12 @@
 """tools/make_demo_data.py: its folders read back through iqa.datasets with sensible scores."""
 import csv
 import importlib.util
+import io
 import os
 
+import numpy as np
 import pytest
+from PIL import Image
 from scipy import stats
 
 from iqa.datasets import load_rgb, read_index, select_split
@@ -41,6 +44,21 @@ def test_every_demo_dataset_reads_back_with_mos_tracking_the_degradation(demo):
         assert rho < -0.8, (name, rho)
         assert load_rgb(samples[0].path, samples[0].origin).size in {(512, 384), (640, 480), (500, 500)}
     assert "synthetic" in (out / "README.txt").read_text().lower()
+
+
+def test_stage1_jpeg_ladder_is_visible_on_the_demo_koniq_images(demo):
+    # The images Stage 1 treats as clean must not be compressed already: re-encoding them at
+    # Stage 1's strongest JPEG level (quality 25) has to change them visibly.  With JPEG in their
+    # mixture (quality ~22 at s = 0.5) the median change was 2.1 grey levels.
+    _, roots = demo
+    changes = []
+    for sample in read_index("koniq-10k", roots["koniq-10k"]):
+        image = load_rgb(sample.path, sample.origin)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=25)
+        reencoded = np.asarray(Image.open(buffer).convert("RGB"), dtype=np.float64)
+        changes.append(np.abs(reencoded - np.asarray(image, dtype=np.float64)).mean())
+    assert np.median(changes) > 5.0, changes
 
 
 def test_demo_is_idempotent_and_rebuilds_on_force(demo):

@@ -12,6 +12,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from iqa.patches import IMAGENET_MEAN, IMAGENET_STD
+from iqa.runtime import UserError
 from models.swin_backbone import create_swin
 from qualiclip_pretrain.degradation_generator import DISTORTION_TYPES, LEVEL_PARAMS
 from qualiclip_pretrain.pretrain_dataset import PretrainDataset, overlapping_offsets
@@ -54,6 +55,22 @@ def test_two_crops_overlap_and_share_type(tmp_path):
             assert all(torch.equal(level, expected) for level in view)
         seen_types.add(DISTORTION_TYPES[item["distortion_type"]])
     assert seen_types == {"blur", "noise"}
+
+
+def test_curriculum_epochs_draw_only_the_curriculum_types(tmp_path):
+    coordinate_image(tmp_path / "img.png")
+    paths = [str(tmp_path / "img.png")] * 8
+    dataset = PretrainDataset(paths, crop_size=CROP, distortion_types=["blur", "jpeg", "noise"], num_levels=2,
+                              seed=1, curriculum_types=["blur", "jpeg"], curriculum_epochs=3)
+    seen = {}
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        seen[epoch] = {DISTORTION_TYPES[dataset[i]["distortion_type"]] for i in range(len(paths))}
+    assert all(seen[epoch] == {"blur", "jpeg"} for epoch in range(3)), seen
+    assert set().union(*(seen[epoch] for epoch in range(3, 6))) == {"blur", "jpeg", "noise"}, seen
+    with pytest.raises(UserError, match="--curriculum_types"):
+        PretrainDataset(paths, crop_size=CROP, distortion_types=["blur", "noise"], curriculum_types=["jpeg"],
+                        curriculum_epochs=1)
 
 
 def test_worker_jpeg_levels_match_pil_on_both_crops(tmp_path):
@@ -194,6 +211,8 @@ def test_offline_without_imagenet_weights_stops_at_once(tmp_path, text_features_
 @pytest.mark.parametrize("flags, fragment", [
     (["--num_levels", "7"], "--num_levels"),
     (["--distortion_types", "blur", "rain"], "--distortion_types"),
+    (["--distortion_types", "blur", "noise", "--curriculum_types", "jpeg", "--curriculum_epochs", "1"],
+     "--curriculum_types"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, text_features_file, flags, fragment):
     images = write_images(tmp_path / "clean", count=2)

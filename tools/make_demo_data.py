@@ -5,9 +5,10 @@ download), degraded with a known overall strength s in [0, 1], and scored
 MOS = lo + (hi - lo) * clip(1 - s + N(0, 0.04), 0, 1) on the dataset's native scale, so a
 working model has something real to learn and every reader, split and metric can be exercised
 end to end.  Like real photographs, the in-the-wild sets (KonIQ-10k, SPAQ, LIVE-C, AGIQA-3K)
-carry a mixture: Gaussian blur, darkening, Gaussian noise and JPEG, each at a strength scattered
-around s.  KADID-10k, synthetic by design, carries one of them per image at level s = level / 5.
-The scores are synthetic; ``demo_truth.csv`` lists each image's distortion and s.
+carry a mixture: Gaussian blur, darkening and Gaussian noise, each at a strength scattered around
+s, and are stored as JPEG at quality 95.  KADID-10k, synthetic by design, carries one of four
+kinds (those three and JPEG) per image at level s = level / 5.  The scores are synthetic;
+``demo_truth.csv`` lists each image's distortion and s.
 
     python tools/make_demo_data.py --out demo_data [--koniq 160 --others 32 --size 512x384 --seed 0 --force]
 
@@ -29,8 +30,12 @@ from PIL import Image, ImageFilter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from iqa.runtime import UserError, run_cli  # noqa: E402
 
-# Also the order in which a mixture is applied: optics, exposure, sensor noise, compression.
 DISTORTIONS = ("blur", "darken", "noise", "jpeg")
+# The in-the-wild mixture, in the order it is applied: optics, exposure, sensor noise.  No JPEG
+# step: Stage 1 pretrains on these images as clean ones, and an image already compressed at
+# quality ~22 hides Stage 1's JPEG ladder (re-encoding at quality 85..25 changes it by 0.5-2.8
+# grey levels on average) and has lost the fine detail that Stage 1's blur ladder takes away.
+MIXTURE = ("blur", "darken", "noise")
 MIXED = "mixed"
 # Spread of the per-distortion strengths of a mixture around its overall strength s.  A single
 # distortion per image is too hard for the demo's random-init Swin-nano: blur and noise move
@@ -52,7 +57,7 @@ AGIQA_MODELS = ("midjourney", "sd1.5", "sdxl", "dalle2", "glide", "aigan")
 SETTINGS_FILE = "demo.json"
 DEMO_DATASETS = ("koniq-10k", "spaq", "kadid-10k", "agiqa-3k", "livec")
 MIN_KONIQ, MIN_OTHERS = 5, 3
-DEMO_VERSION = 2  # bump whenever images or scores change, so that older demo folders are rebuilt
+DEMO_VERSION = 3  # bump whenever images or scores change, so that older demo folders are rebuilt
 
 
 # ----------------------------------------------------------------------------- images
@@ -105,8 +110,8 @@ def degrade(img, kind, strength, rng):
 
 
 def degrade_mixed(img, strength, rng):
-    """All distortions in ``DISTORTIONS`` order, each at ``strength`` + N(0, MIX_SPREAD) (clipped)."""
-    for kind in DISTORTIONS:
+    """All distortions in ``MIXTURE`` order, each at ``strength`` + N(0, MIX_SPREAD) (clipped)."""
+    for kind in MIXTURE:
         img = degrade(img, kind, float(np.clip(strength + rng.normal(0.0, MIX_SPREAD), 0.0, 1.0)), rng)
     return img
 
@@ -255,8 +260,9 @@ README = """Demo datasets built by tools/make_demo_data.py -- THE SCORES ARE SYN
 
 Images are crops of the photographs shipped with scikit-image, degraded with a known overall
 strength s in [0, 1] (see demo_truth.csv): KADID-10k images carry one distortion (blur, jpeg,
-noise or darken) at s = level / 5, all other images a mixture of the four, each at a strength
-near s. The score is lo + (hi - lo) * clip(1 - s + N(0, 0.04), 0, 1) on the dataset's native scale:
+noise or darken) at s = level / 5, all other images a mixture of blur, darken and noise, each at a
+strength near s, stored as JPEG at quality 95. The score is
+lo + (hi - lo) * clip(1 - s + N(0, 0.04), 0, 1) on the dataset's native scale:
 KonIQ-10k MOS 1-5 (c1..c5 counts drawn around it), SPAQ 0-100, KADID-10k dmos 1-5,
 AGIQA-3K mos_quality 0-5, LIVE-C 0-100. Results on these folders test the software, not a model.
 
