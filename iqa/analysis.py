@@ -274,21 +274,24 @@ def plot_level_curves(data, out_dir, stem):
     return write_figure(fig, data, out_dir, stem)
 
 
+def per_checkpoint_and_set(checkpoints, image_sets, record):
+    """{label: {dataset: record(scorer, image_set)}}, the images' paths and MOS in front of every record."""
+    return {checkpoint.label: {image_set.name: {"images": [s.path for s in image_set.samples],
+                                                "mos": image_set.mos.tolist(),
+                                                **record(checkpoint.scorer, image_set)}
+                               for image_set in image_sets}
+            for checkpoint in checkpoints}
+
+
 def attention_data(checkpoints, image_sets, decoded, opts_of):
     """{label: {dataset: {images, mos, weights (n, 4), mean, srcc_vs_mos}}} of the attention checkpoints."""
-    data = {}
-    for checkpoint in checkpoints:
-        scorer = checkpoint.scorer
-        data[checkpoint.label] = {}
-        for image_set in image_sets:
-            weights = crop_means(scorer.model.stage_weights, decoded.get(scorer, image_set), opts_of(scorer),
-                                 scorer.device, f"attention {image_set.name}")
-            mos = image_set.mos
-            data[checkpoint.label][image_set.name] = {
-                "images": [s.path for s in image_set.samples], "mos": mos.tolist(), "weights": weights.tolist(),
-                "mean": weights.mean(axis=0).tolist(), "srcc_vs_mos": [srcc(w, mos) for w in weights.T],
-            }
-    return data
+    def record(scorer, image_set):
+        weights = crop_means(scorer.model.stage_weights, decoded.get(scorer, image_set), opts_of(scorer),
+                             scorer.device, f"attention {image_set.name}")
+        return {"weights": weights.tolist(), "mean": weights.mean(axis=0).tolist(),
+                "srcc_vs_mos": [srcc(w, image_set.mos) for w in weights.T]}
+
+    return per_checkpoint_and_set(checkpoints, image_sets, record)
 
 
 def plot_attention(data, out_dir):
@@ -420,17 +423,11 @@ def plot_feature_map(data, image_sets, out_dir):
 
 def pred_vs_mos_data(checkpoints, image_sets, decoded, opts_of):
     """{label: {dataset: {images, mos, score, metrics}}}: each checkpoint's own scores (``iqa.metrics``)."""
-    data = {}
-    for checkpoint in checkpoints:
-        scorer = checkpoint.scorer
-        data[checkpoint.label] = {}
-        for image_set in image_sets:
-            scores = scorer.score_images(decoded.get(scorer, image_set), opts_of(scorer), progress=True).numpy()
-            data[checkpoint.label][image_set.name] = {
-                "images": [s.path for s in image_set.samples], "mos": image_set.mos.tolist(), "score": scores.tolist(),
-                "metrics": all_metrics(scores, image_set.mos),
-            }
-    return data
+    def record(scorer, image_set):
+        scores = scorer.score_images(decoded.get(scorer, image_set), opts_of(scorer), progress=True).numpy()
+        return {"score": scores.tolist(), "metrics": all_metrics(scores, image_set.mos)}
+
+    return per_checkpoint_and_set(checkpoints, image_sets, record)
 
 
 def plot_pred_vs_mos(data, out_dir):
