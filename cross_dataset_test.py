@@ -15,31 +15,15 @@ The RMSE is taken after the 4-parameter logistic mapping onto each dataset's MOS
 checkpoint's scores are on another scale, so there is no raw RMSE), and the scatter plots show
 the checkpoint's own scores.
 """
-import argparse
 import os
 
 from iqa.evaluation import evaluate, make_eval_set, parse_dataset_specs
 from iqa import plots
+from iqa.cross_dataset_args import get_args_parser
 from iqa.datasets import read_index
 from iqa.distributed import broadcast_object, distributed_session
 from iqa.runtime import UserError, amp_dtype, atomic_write_json, atomic_write_text, run_cli, timestamp
-from iqa.scoring import add_scoring_arguments, check_new_output, check_scoring_arguments, load_scorer
-
-
-def get_args_parser():
-    parser = argparse.ArgumentParser("Cross-dataset evaluation of Swin-HyperIQA checkpoints and Stage-1 encoders",
-                                     add_help=True)
-    parser.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH",
-                        help="train_swin.py best.pt / last.pt, a Stage-1 .pkl (zero-shot) or QualiCLIP's qualiclip.pth")
-    parser.add_argument("--datasets", nargs="+", required=True, metavar="NAME=ROOT",
-                        help="datasets to score whole, e.g. spaq=/data/spaq kadid-10k=/data/kadid10k")
-    parser.add_argument("--resize", type=int, default=None,
-                        help="shorter side before cropping (default: the checkpoint's; CLIP encoders: 0, full "
-                             "resolution)")
-    add_scoring_arguments(parser)
-    parser.add_argument("--output", default=None,
-                        help="JSON path (default: cross_dataset_<timestamp>.json beside the first checkpoint)")
-    return parser
+from iqa.scoring import check_new_output, check_scoring_arguments, load_scorer
 
 
 def checkpoint_label(path):

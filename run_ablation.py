@@ -48,11 +48,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-import cross_dataset_test  # noqa: E402
-import pretrain_qualiclip  # noqa: E402
-import train_swin  # noqa: E402
+from iqa import cross_dataset_args, finetune_args  # noqa: E402
 from iqa.evaluation import parse_dataset_specs  # noqa: E402
 from iqa.runtime import UserError, atomic_write_binary, atomic_write_json, atomic_write_text, run_cli  # noqa: E402
+from qualiclip_pretrain import args as pretrain_args  # noqa: E402
 from tools.summarize_experiment import (  # noqa: E402
     CROSS_NAMES, DEMO_NOTE, cross_results, format_stat, metric_stats, paired_difference, read_json,
 )
@@ -64,12 +63,12 @@ GRID_KEYS = ("description", "demo_data", "data_root", "cross_datasets", "seeds",
              "cross_dataset", "factors")
 # The grid's sections, the script each one's flags go to, and the flags the runner sets itself.
 SCRIPTS = {
-    "pretrain": ("pretrain_qualiclip.py", pretrain_qualiclip.get_args_parser,
+    "pretrain": ("pretrain_qualiclip.py", pretrain_args.get_args_parser,
                  ("data_root", "save_dir", "resume", "seed")),
-    "finetune": ("train_swin.py", train_swin.get_args_parser,
+    "finetune": ("train_swin.py", finetune_args.get_args_parser,
                  ("data_root", "dataset", "output_dir", "resume", "seed", "pretrained_encoder",
                   "match_pretrained_lr")),
-    "cross_dataset": ("cross_dataset_test.py", cross_dataset_test.get_args_parser,
+    "cross_dataset": ("cross_dataset_test.py", cross_dataset_args.get_args_parser,
                       ("checkpoint", "datasets", "output")),
 }
 FACTOR_STAGES = ("pretrain", "finetune")
@@ -290,7 +289,7 @@ def check_commands(spec, units, output):
         for name, _, argv, _, _, _ in steps(spec, unit, output, 0):
             args = parse_checked(name, argv, spec["path"])
             if name == "finetune":
-                train_swin.apply_protocol_defaults(args)
+                finetune_args.apply_protocol_defaults(args)
                 if args.train_test_num != 1:
                     raise UserError(f"grid '{spec['path']}': the fine-tunes would run {args.train_test_num} rounds "
                                     f"(--train_test_num); an ablation cell reads one KonIQ test result per seed, so "

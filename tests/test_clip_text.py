@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pretrain_qualiclip
 from iqa.runtime import UserError
 from models.clip_text import PROMPT_SETS, compute_text_features, encode_prompt_pairs, load_text_features
+from qualiclip_pretrain import args as pretrain_args
 from tests.helpers import run_cli
 from tools import make_text_features
 TINY = "test-tiny-clip"
@@ -124,7 +124,7 @@ def test_seed_is_an_alias_of_good_bad(tiny_clip, tmp_path):
     expected, expected_prompts = compute_text_features("good_bad", TINY, str(path))
     assert prompts == expected_prompts == [("Good photo.", "Bad photo.")]
     torch.testing.assert_close(features, expected, atol=0, rtol=0)
-    for parser, required in ((pretrain_qualiclip.get_args_parser(), []),
+    for parser, required in ((pretrain_args.get_args_parser(), []),
                              (make_text_features.get_args_parser(), ["--out", "x.pt"])):
         assert parser.parse_args([*required, "--prompt_set", "seed"]).prompt_set == "seed"
         with pytest.raises(SystemExit):
@@ -134,11 +134,11 @@ def test_seed_is_an_alias_of_good_bad(tiny_clip, tmp_path):
 
 @pytest.mark.parametrize("encoder, expected", [("swin", "good_bad"), ("clip", "qualiclip")])
 def test_pretrain_prompt_set_default_follows_the_encoder(encoder, expected):
-    args = pretrain_qualiclip.get_args_parser().parse_args(["--encoder", encoder])
-    pretrain_qualiclip.check_encoder_args(args)
+    args = pretrain_args.get_args_parser().parse_args(["--encoder", encoder])
+    pretrain_args.check_encoder_args(args)
     assert args.prompt_set == expected
-    args = pretrain_qualiclip.get_args_parser().parse_args(["--encoder", encoder, "--prompt_set", "seed"])
-    pretrain_qualiclip.check_encoder_args(args)
+    args = pretrain_args.get_args_parser().parse_args(["--encoder", encoder, "--prompt_set", "seed"])
+    pretrain_args.check_encoder_args(args)
     assert args.prompt_set == "seed"
 
 
