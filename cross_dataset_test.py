@@ -53,6 +53,11 @@ def results_table(results, names, training):
     return lines
 
 
+def main(args):
+    with distributed_session(args.device) as dist_info:
+        return run(args, dist_info)
+
+
 def run(args, dist_info):
     check_scoring_arguments(args)
     specs = parse_dataset_specs(args.datasets, "--datasets")
@@ -89,11 +94,6 @@ def run(args, dist_info):
         atomic_write_text(f"{os.path.splitext(output)[0]}.md", table)
         print(f"wrote {output} and its table {os.path.splitext(output)[0]}.md")
     return results
-
-
-def main(args):
-    with distributed_session(args.device) as dist_info:
-        return run(args, dist_info)
 
 
 if __name__ == "__main__":

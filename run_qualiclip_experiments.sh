@@ -47,7 +47,7 @@ usage: ./run_qualiclip_experiments.sh [options] [-- extra flags for every train_
 EOF
 }
 
-PY=${PYTHON:-python}
+PYTHON=${PYTHON:-python}
 DEMO=0
 DATA_ROOT=./koniq-10k
 SPAQ_ROOT=./spaq
@@ -66,34 +66,29 @@ DEMO_SIZE=""
 PRETRAIN_ARGS=""
 QUALICLIP=0
 EXTRA=()
-SET_SIZE=0; SET_EP_PRE=0; SET_EP=0
+# An option with a value sets the variable of its name in capitals (--data_root DIR sets DATA_ROOT);
+# GIVEN records which were given, for the defaults that --demo changes.
+VALUE_OPTIONS=" demo_dir demo_size data_root spaq_root kadid_root agiqa_root livec_root model_size epochs_pretrain
+ epochs seeds split_seed protocol output pretrain_args python "
+declare -A GIVEN=()
 
 need_value() { [ "$#" -ge 2 ] && [ -n "$2" ] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }; }
 while [ "$#" -gt 0 ]; do
   case "$1" in
     --demo) DEMO=1; shift ;;
-    --demo_dir) need_value "$@"; DEMO_DIR=$2; shift 2 ;;
-    --demo_size) need_value "$@"; DEMO_SIZE=$2; shift 2 ;;
-    --data_root) need_value "$@"; DATA_ROOT=$2; shift 2 ;;
-    --spaq_root) need_value "$@"; SPAQ_ROOT=$2; shift 2 ;;
-    --kadid_root) need_value "$@"; KADID_ROOT=$2; shift 2 ;;
-    --agiqa_root) need_value "$@"; AGIQA_ROOT=$2; shift 2 ;;
-    --livec_root) need_value "$@"; LIVEC_ROOT=$2; shift 2 ;;
-    --model_size) need_value "$@"; MODEL_SIZE=$2; SET_SIZE=1; shift 2 ;;
-    --epochs_pretrain) need_value "$@"; EPOCHS_PRETRAIN=$2; SET_EP_PRE=1; shift 2 ;;
-    --epochs) need_value "$@"; EPOCHS=$2; SET_EP=1; shift 2 ;;
-    --seeds) need_value "$@"; SEEDS=$2; shift 2 ;;
-    --split_seed) need_value "$@"; SPLIT_SEED=$2; shift 2 ;;
-    --protocol) need_value "$@"; PROTOCOL=$2; shift 2 ;;
-    --output) need_value "$@"; OUTPUT=$2; shift 2 ;;
-    --pretrain_args) need_value "$@"; PRETRAIN_ARGS=$2; shift 2 ;;
-    --python) need_value "$@"; PY=$2; shift 2 ;;
     --qualiclip) QUALICLIP=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; EXTRA+=("$@"); break ;;
+    --*) name=${1#--}
+      if [[ $VALUE_OPTIONS == *[[:space:]]"$name"[[:space:]]* ]]; then
+        need_value "$@"; printf -v "${name^^}" '%s' "$2"; GIVEN[$name]=1; shift 2
+      else
+        EXTRA+=("$1"); shift
+      fi ;;
     *) EXTRA+=("$1"); shift ;;
   esac
 done
+PY=$PYTHON
 
 if [ "$DEMO" = 0 ] && [ -n "$DEMO_DIR$DEMO_SIZE" ]; then
   echo "error: --demo_dir and --demo_size only apply with --demo" >&2
@@ -149,9 +144,9 @@ if [ "$DEMO" = 1 ]; then
   DATA_ROOT=$DEMO_DIR/koniq-10k
   SPAQ_ROOT=$DEMO_DIR/spaq; KADID_ROOT=$DEMO_DIR/kadid-10k
   AGIQA_ROOT=$DEMO_DIR/agiqa-3k; LIVEC_ROOT=$DEMO_DIR/livec
-  [ "$SET_SIZE" = 1 ] || MODEL_SIZE=nano
-  [ "$SET_EP_PRE" = 1 ] || EPOCHS_PRETRAIN=10
-  [ "$SET_EP" = 1 ] || EPOCHS=6
+  [ -n "${GIVEN[model_size]:-}" ] || MODEL_SIZE=nano
+  [ -n "${GIVEN[epochs_pretrain]:-}" ] || EPOCHS_PRETRAIN=10
+  [ -n "${GIVEN[epochs]:-}" ] || EPOCHS=6
   # No CLIP weights can be downloaded offline: the demo uses the CLIP cache when it has RN50,
   # otherwise fixed random anchors, written to a file and flagged in the summary.
   run_step text_anchors "$PY" "$REPO/tools/make_text_features.py" --out "$DEMO_DIR/text_features.pt" \
@@ -180,7 +175,7 @@ PROTOCOL_FLAGS=()
 EPOCH_FLAGS=(--epochs "$EPOCHS")
 if [ "$PROTOCOL" = hyperiqa ]; then
   PROTOCOL_FLAGS=(--protocol hyperiqa)
-  [ "$SET_EP" = 1 ] || [ "$DEMO" = 1 ] || EPOCH_FLAGS=()
+  [ -n "${GIVEN[epochs]:-}" ] || [ "$DEMO" = 1 ] || EPOCH_FLAGS=()
 fi
 
 echo "results directory: $OUTPUT"
