@@ -21,7 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from iqa import runtime
-from iqa.distributed import barrier, broadcast_object, distributed_session
+from iqa.distributed import barrier, broadcast_object, check_on_main, distributed_session
 from iqa.evaluation import make_eval_set
 from iqa.metrics import all_metrics
 from iqa.patches import decode_threads, verify_images
@@ -131,7 +131,7 @@ def train(args, dist_info):
     args.save_dir = broadcast_object(args.save_dir or default_save_dir(), dist_info)
     # Everything the user supplied is checked (and every image decoded once) before the run
     # directory is written: a mistake leaves no half-made run behind.
-    runtime.check_output_dir(args.save_dir, resume=resuming, flag="--save_dir")
+    check_on_main(lambda: runtime.check_output_dir(args.save_dir, resume=resuming, flag="--save_dir"), dist_info)
     runtime.seed_everything(args.seed + dist_info.rank, args.deterministic)
 
     train_images, heldout_paths, val_samples = load_images(args)

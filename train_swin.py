@@ -24,7 +24,7 @@ import numpy as np
 
 from HyperIQASolver_swin import HyperIQASolver, protocol_record
 from iqa.datasets import DEFAULT_SPLIT_SEED, read_index, select_split
-from iqa.distributed import barrier, broadcast_object, distributed_session
+from iqa.distributed import barrier, broadcast_object, check_on_main, distributed_session
 from iqa.evaluation import make_eval_set, parse_dataset_specs
 from iqa.finetune_args import check_args, get_args_parser
 from iqa.runtime import (
@@ -151,7 +151,7 @@ def train(args, dist_info):
         check_args(args)
         default_dir = os.path.join("runs", f"train_swin_{args.dataset}_{args.model_size}_{timestamp()}")
         run_dir, explicit_ckpt = broadcast_object(args.output_dir or default_dir, dist_info), None
-        check_output_dir(run_dir)
+        check_on_main(lambda: check_output_dir(run_dir), dist_info)
     # Nothing is written before the annotations, the splits, every image (decoded into the
     # caches) and the model / checkpoint files have been checked: a mistake leaves no half-made run.
     round_args = [argparse.Namespace(**{**vars(args), "seed": args.seed + k, "split_seed": args.split_seed + k})

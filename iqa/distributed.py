@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from iqa.runtime import resolve_device
+from iqa.runtime import UserError, resolve_device
 
 # Set by torchrun (also for a single process); absent when a script is started with plain python.
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -125,3 +125,20 @@ def broadcast_object(obj, info):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def check_on_main(check, info):
+    """Run ``check()``, which raises ``UserError`` on bad input, on rank 0 alone and raise its error on every rank.
+
+    Ranks that looked at a shared filesystem themselves could disagree (a rank on another node can see
+    the run directory after rank 0 has begun to fill it, or a stale cached view) and one rank would
+    then stop while the others wait for it."""
+    error = None
+    if info.is_main:
+        try:
+            check()
+        except UserError as err:
+            error = str(err)
+    error = broadcast_object(error, info)
+    if error is not None:
+        raise UserError(error)
