@@ -9,6 +9,7 @@ RN50 still takes seconds per test on 2 cores: all but the pure-tensor test are m
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -230,18 +231,32 @@ def test_cross_dataset_opinion_unaware_table(release, demo_root, tmp_path):
     assert metrics["srcc"] == pytest.approx(stats.spearmanr(hand, [s.mos for s in samples])[0], abs=1e-6)
 
 
+def two_image_train_split(koniq_root, path):
+    """A --split_file with KonIQ's own validation and test images but only two training images: one RN50
+    step per epoch at --batch_size 2 (each step of a random RN50 takes seconds on 2 cores)."""
+    from iqa.datasets import read_index
+
+    samples = read_index("koniq-10k", str(koniq_root))
+    split = {name: [os.path.basename(s.path) for s in samples if s.split == name] for name in ("train", "val", "test")}
+    split["train"] = split["train"][:2]
+    path.write_text(json.dumps(split))
+    return split
+
+
 @pytest.mark.slow
 def test_pretrain_clip_encoder_from_scratch_and_from_the_release(release, demo_root, tmp_path):
+    split = two_image_train_split(demo_root / "koniq-10k", tmp_path / "split.json")
     common = ("pretrain_qualiclip.py", "--encoder", "clip", "--data_root", demo_root / "koniq-10k", "--epochs", "1",
-              "--batch_size", "2", "--num_levels", "2", "--crop_size", "64", "--resize", "64", "--eval_patch_num",
-              "1", "--level_eval_images", "2", "--distortion_types", "blur", "noise", "--num_workers", "0",
-              "--device", "cpu", "--amp", "off", "--log_every", "1")
+              "--split_file", tmp_path / "split.json", "--batch_size", "2", "--num_levels", "2", "--crop_size", "64",
+              "--resize", "64", "--eval_patch_num", "1", "--level_eval_images", "2", "--distortion_types", "blur",
+              "noise", "--num_workers", "0", "--device", "cpu", "--amp", "off", "--log_every", "1")
     scratch = tmp_path / "scratch"
     proc = run_cli(*common, "--no_imagenet_pretrained", "--text_features", release["path"], "--save_dir", scratch)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pkl = scratch / "clip_RN50_qualiclip_pretrained.pkl"
     ckpt = torch.load(pkl, weights_only=True)
     assert ckpt["format"] == ENCODER_FORMAT and ckpt["text_features"].shape == (7, 2, 1024)
+    assert sorted(ckpt["train_images"]) == sorted(f"512x384/{name}" for name in split["train"])
     results = json.loads((scratch / "results.json").read_text())
     assert set(results["level_ranking_accuracy"]) == {"blur", "noise", "overall"}
     assert -1 <= results["zero_shot_val"]["srcc"] <= 1
