@@ -1,4 +1,6 @@
-"""Helpers for the tests: the repository root, running the real CLIs, checking their refusals."""
+"""Helpers for the tests: the repository root, running the real CLIs, checking their refusals, a KonIQ
+split file with few training images."""
+import json
 import os
 import subprocess
 import sys
@@ -35,3 +37,16 @@ def assert_user_error(result, *fragments):
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def write_small_train_split(koniq_root, path, n_train=2):
+    """Write a --split_file keeping the validation and test images of the KonIQ-10k folder ``koniq_root``
+    but only ``n_train`` of its training images (one Stage-1 step at --batch_size n_train); returns it."""
+    from iqa.datasets import read_index
+
+    samples = read_index("koniq-10k", str(koniq_root))
+    split = {name: [os.path.basename(s.path) for s in samples if s.split == name] for name in ("train", "val", "test")}
+    split["train"] = split["train"][:n_train]
+    with open(path, "w") as f:
+        json.dump(split, f)
+    return split

@@ -9,7 +9,6 @@ RN50 still takes seconds per test on 2 cores: all but the pure-tensor test are m
 import csv
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from iqa.scoring import load_scorer
 from models.clip_image_encoder import CLIP_MEAN, CLIP_STD, ENCODER_FORMAT, ClipImageEncoder, resnet_image_tower
 from models.clip_text import PROMPT_SETS
 from models.quality_encoder import zero_shot_logits, zero_shot_score
-from tests.helpers import ROOT, assert_user_error, run_cli
+from tests.helpers import ROOT, assert_user_error, run_cli, write_small_train_split
 from tests.scoring_files import make_image
 
 RN50_HEADS = 32  # OpenAI RN50: width 64 * 32 // 64
@@ -231,21 +230,10 @@ def test_cross_dataset_opinion_unaware_table(release, demo_root, tmp_path):
     assert metrics["srcc"] == pytest.approx(stats.spearmanr(hand, [s.mos for s in samples])[0], abs=1e-6)
 
 
-def two_image_train_split(koniq_root, path):
-    """A --split_file with KonIQ's own validation and test images but only two training images: one RN50
-    step per epoch at --batch_size 2 (each step of a random RN50 takes seconds on 2 cores)."""
-    from iqa.datasets import read_index
-
-    samples = read_index("koniq-10k", str(koniq_root))
-    split = {name: [os.path.basename(s.path) for s in samples if s.split == name] for name in ("train", "val", "test")}
-    split["train"] = split["train"][:2]
-    path.write_text(json.dumps(split))
-    return split
-
-
 @pytest.mark.slow
 def test_pretrain_clip_encoder_from_scratch_and_from_the_release(release, demo_root, tmp_path):
-    split = two_image_train_split(demo_root / "koniq-10k", tmp_path / "split.json")
+    # two training images: one step per run (a step of a random RN50 takes seconds on 2 CPU cores)
+    split = write_small_train_split(demo_root / "koniq-10k", tmp_path / "split.json")
     common = ("pretrain_qualiclip.py", "--encoder", "clip", "--data_root", demo_root / "koniq-10k", "--epochs", "1",
               "--split_file", tmp_path / "split.json", "--batch_size", "2", "--num_levels", "2", "--crop_size", "64",
               "--resize", "64", "--eval_patch_num", "1", "--level_eval_images", "2", "--distortion_types", "blur",
