@@ -10,7 +10,7 @@ import pytest
 
 import run_ablation
 from iqa.runtime import UserError
-from tests.helpers import ROOT, assert_user_error, run_cli
+from tests.helpers import ROOT, assert_user_error, run_cli, write_small_train_split
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -205,18 +205,21 @@ def test_table_and_main_effects_against_numpy():
 
 # ----------------------------------------------------------------------------- end to end
 
-def tiny_grid(demo_root, text_features_file, **changes):
+def tiny_grid(demo_root, text_features_file, split_file=None, **changes):
+    """One cell (Stage 1 on noise) and its baseline; with ``split_file`` both stages train on its images."""
+    split = {"split_file": str(split_file)} if split_file else {}
     spec = {
         "data_root": str(demo_root / "koniq-10k"),
         "cross_datasets": {"spaq": str(demo_root / "spaq")},
         "seeds": [0],
         "pretrain": {"model_size": "nano", "no_imagenet_pretrained": True, "epochs": 1, "batch_size": 4,
                      "crop_size": 64, "num_levels": 2, "resize": 96, "num_workers": 0, "eval_patch_num": 1,
-                     "level_eval_images": 4, "text_features": str(text_features_file)},
+                     "level_eval_images": 4, "text_features": str(text_features_file), **split},
         "finetune": {"model_size": "nano", "no_imagenet_pretrained": True, "epochs": 1, "batch_size": 8,
-                     "train_patch_num": 1, "test_patch_num": 1, "num_workers": 0, "lr_encoder_pretrained": 1e-5},
+                     "train_patch_num": 1, "test_patch_num": 1, "num_workers": 0, "lr_encoder_pretrained": 1e-5,
+                     **split},
         "cross_dataset": {"test_patch_num": 1, "num_workers": 0},
-        "factors": {"pretrain": {"distortion_types": [["blur"], ["noise"]]}},
+        "factors": {"pretrain": {"distortion_types": [["noise"]]}},
     }
     spec.update(changes)
     return spec
@@ -268,69 +271,83 @@ def check_table_against_runs(out, cells):
     assert (out / "main_effects.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def log_commands(path):
+    return [line for line in path.read_text().splitlines() if line.startswith("==> ")]
+
+
 @pytest.mark.slow
 def test_ablation_end_to_end_skips_finished_cells_restarts_killed_ones_and_refuses_another_grid(
         tmp_path, demo_root, text_features_file):
-    cells = ["distortion_types-blur", "distortion_types-noise"]
-    grid_path = write_grid(tmp_path / "grid.json", tiny_grid(demo_root, text_features_file))
+    # Four training images (one step per run of either stage): the runs' own numbers are what is checked.
+    split_file = tmp_path / "split.json"
+    write_small_train_split(demo_root / "koniq-10k", split_file, n_train=4)
+    name = "distortion_types-noise"
+    grid_path = write_grid(tmp_path / "grid.json", tiny_grid(demo_root, text_features_file, split_file))
     out = tmp_path / "ablation"
     first = run_cli("run_ablation.py", "--grid", grid_path, "--output", out)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert json.loads((out / "grid.json").read_text()) == json.loads(grid_path.read_text())
-    for name in cells:
-        seed_dir, stage1_dir = out / "cells" / name / "seed_0", out / "stage1" / name / "seed_0"
-        assert set(os.listdir(seed_dir / "logs")) == {"finetune.log", "cross_dataset.log"}
-        assert os.listdir(stage1_dir / "logs") == ["pretrain.log"]
-        finetune_args = json.loads((seed_dir / "finetune" / "args.json").read_text())
-        assert os.path.samefile(finetune_args["pretrained_encoder"],
-                                stage1_dir / "pretrain" / "swin_nano_qualiclip_pretrained.pkl")
-        pretrain_args = json.loads((stage1_dir / "pretrain" / "args.json").read_text())
-        assert pretrain_args["distortion_types"] == [name.split("-")[1]] and pretrain_args["seed"] == 0
+    cell, seed_dir, stage1_dir = out / "cells" / name, out / "cells" / name / "seed_0", out / "stage1" / name / "seed_0"
+    assert set(os.listdir(seed_dir / "logs")) == {"finetune.log", "cross_dataset.log"}
+    assert os.listdir(stage1_dir / "logs") == ["pretrain.log"]
+    finetune_args = json.loads((seed_dir / "finetune" / "args.json").read_text())
+    assert os.path.samefile(finetune_args["pretrained_encoder"],
+                            stage1_dir / "pretrain" / "swin_nano_qualiclip_pretrained.pkl")
+    pretrain_args = json.loads((stage1_dir / "pretrain" / "args.json").read_text())
+    assert pretrain_args["distortion_types"] == ["noise"] and pretrain_args["seed"] == 0
     baseline_args = json.loads((out / "baselines" / "baseline" / "seed_0" / "finetune" / "args.json").read_text())
     assert baseline_args["match_pretrained_lr"] and baseline_args["pretrained_encoder"] is None
-    check_table_against_runs(out, cells)
+    check_table_against_runs(out, [name])
     steps_run = len((out / "timings.tsv").read_text().splitlines())
-    assert steps_run == 2 * 3 + 2
+    assert steps_run == 3 + 2
 
     # A rerun runs nothing: every unit is finished.
     before = run_files(out)
     second = run_cli("run_ablation.py", "--grid", grid_path, "--output", out)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert second.stdout.count("finished earlier") == 3 and "==> [baselines/baseline/seed_0/finetune] " not in \
+    assert second.stdout.count("finished earlier") == 2 and "==> [baselines/baseline/seed_0/finetune] " not in \
         second.stdout
     assert run_files(out) == before
     assert len((out / "timings.tsv").read_text().splitlines()) == steps_run
 
-    # Killed cells: 'blur' during its fine-tune (checkpoint saved, no results), 'noise' during Stage 1
-    # (run directory without a checkpoint).
-    blur, noise = (out / "cells" / name for name in cells)
-    for path in (blur / "results.json", blur / "seed_0" / "finetune" / "results.json",
-                 blur / "seed_0" / "cross_dataset.json", noise / "results.json"):
+    # Killed during its fine-tune (checkpoint saved, no results): the fine-tune resumes, Stage 1 is kept.
+    for path in (cell / "results.json", seed_dir / "finetune" / "results.json", seed_dir / "cross_dataset.json"):
         path.unlink()
-    pretrain_dir = out / "stage1" / "distortion_types-noise" / "seed_0" / "pretrain"
-    for name in os.listdir(pretrain_dir):
-        if name != "args.json":
-            os.unlink(pretrain_dir / name)
-    (pretrain_dir / "half_written").write_text("left by a kill")
     untouched = {p: t for p, t in run_files(out).items()
-                 if p.startswith(str(out / "baselines")) or p.startswith(str(out / "stage1" / "distortion_types-blur"))}
+                 if p.startswith(str(out / "baselines")) or p.startswith(str(out / "stage1"))}
     third = run_cli("run_ablation.py", "--grid", grid_path, "--output", out)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert {p: os.path.getmtime(p) for p in untouched} == untouched
     assert untouched
-    commands = [line for line in (blur / "seed_0" / "logs" / "finetune.log").read_text().splitlines()
-                if line.startswith("==> ")]
-    assert len(commands) == 2 and commands[1].endswith(f"--resume {blur / 'seed_0' / 'finetune'}")
+    commands = log_commands(seed_dir / "logs" / "finetune.log")
+    assert len(commands) == 2 and commands[1].endswith(f"--resume {seed_dir / 'finetune'}")
+    assert len((out / "timings.tsv").read_text().splitlines()) == steps_run + 2
+    check_table_against_runs(out, [name])
+
+    # Killed during Stage 1 (run directory without a checkpoint): Stage 1 starts again, and the fine-tune
+    # and the cross-dataset test, which read its output, run again from scratch.
+    (cell / "results.json").unlink()
+    pretrain_dir = stage1_dir / "pretrain"
+    for file in os.listdir(pretrain_dir):
+        if file != "args.json":
+            os.unlink(pretrain_dir / file)
+    (pretrain_dir / "half_written").write_text("left by a kill")
+    untouched = {p: t for p, t in run_files(out).items() if p.startswith(str(out / "baselines"))}
+    fourth = run_cli("run_ablation.py", "--grid", grid_path, "--output", out)
+    assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]
+    assert {p: os.path.getmtime(p) for p in untouched} == untouched
+    assert untouched
     assert not (pretrain_dir / "half_written").exists() and (pretrain_dir / "results.json").is_file()
-    commands = [line for line in (pretrain_dir.parent / "logs" / "pretrain.log").read_text().splitlines()
-                if line.startswith("==> ")]
+    commands = log_commands(stage1_dir / "logs" / "pretrain.log")
     assert len(commands) == 2 and "--resume" not in commands[1]
+    commands = log_commands(seed_dir / "logs" / "finetune.log")
+    assert len(commands) == 3 and "--resume" not in commands[2]
     assert len((out / "timings.tsv").read_text().splitlines()) == steps_run + 2 + 3
-    check_table_against_runs(out, cells)
+    check_table_against_runs(out, [name])
 
     # Another grid into the same directory is refused before anything runs.
     before = run_files(out)
-    other = write_grid(tmp_path / "other.json", tiny_grid(demo_root, text_features_file, seeds=[0, 1]))
+    other = write_grid(tmp_path / "other.json", tiny_grid(demo_root, text_features_file, split_file, seeds=[0, 1]))
     result = run_cli("run_ablation.py", "--grid", other, "--output", out)
     assert_user_error(result, "holds the runs of another grid", str(other))
     assert run_files(out) == before and json.loads((out / "grid.json").read_text()) == json.loads(grid_path.read_text())
