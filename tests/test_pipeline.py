@@ -42,8 +42,9 @@ def test_pipeline_runs_three_fine_tunes_per_seed_on_one_split_and_summarises_the
         "--livec_root", tmp_path / "no_livec", "--model_size", "nano", "--epochs_pretrain", "1", "--epochs", "1",
         "--seeds", "2", "--split_seed", "3", "--output", out,
         "--pretrain_args", f"--text_features {text_features_file} --crop_size 64 --num_levels 2 --num_workers 0 "
-                           f"--eval_patch_num 1 --resize 96",
-        "--", "--num_workers", "0", "--train_patch_num", "1", "--test_patch_num", "1", "--batch_size", "8",
+                           "--eval_patch_num 1 --resize 96 --batch_size 16",
+        # batches that hold the whole training split: one step per run
+        "--", "--num_workers", "0", "--train_patch_num", "1", "--test_patch_num", "1", "--batch_size", "32",
         "--lr", "2e-5", "--lr_ratio", "5", "--lr_encoder_pretrained", "4e-6",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -93,8 +94,8 @@ def test_pipeline_runs_three_fine_tunes_per_seed_on_one_split_and_summarises_the
 def test_demo_pipeline_builds_its_data_where_asked_and_flags_the_summary(tmp_path):
     demo, out = tmp_path / "demo", tmp_path / "results"
     result = run_pipeline("--demo", "--demo_dir", demo, "--demo_size", "20", "--epochs_pretrain", "1", "--epochs", "1",
-                          "--output", out, "--pretrain_args", "--crop_size 64 --num_levels 2 --eval_patch_num 1",
-                          "--", "--train_patch_num", "1")
+                          "--output", out, "--pretrain_args", "--crop_size 64 --num_levels 2 --eval_patch_num 1 "
+                          "--batch_size 16", "--", "--train_patch_num", "1", "--test_patch_num", "1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # --demo_size 20: 20 KonIQ-10k images, max(3, 20 / 5) = 4 per other dataset
     assert json.loads((demo / "demo.json").read_text())["n_koniq"] == 20
@@ -139,8 +140,8 @@ def test_a_late_failure_leaves_no_summary(tmp_path):
     """
     out = tmp_path / "results"
     result = run_pipeline("--demo", "--demo_dir", "demo", "--demo_size", "10", "--epochs_pretrain", "1",
-                          "--output", "results", "--pretrain_args", "--crop_size 64 --num_levels 2 --eval_patch_num 1",
-                          "--", "--no_such_flag", timeout=300, cwd=tmp_path)
+                          "--output", "results", "--pretrain_args", "--crop_size 64 --num_levels 2 --eval_patch_num 1 "
+                          "--batch_size 8", "--", "--no_such_flag", timeout=300, cwd=tmp_path)
     assert result.returncode != 0
     assert "step 'baseline_seed0' failed; see results/logs/baseline_seed0.log" in result.stderr
     assert (tmp_path / "demo" / "demo.json").is_file()
