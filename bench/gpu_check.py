@@ -236,7 +236,8 @@ class Context:
         self.workers = str(min(8, os.cpu_count() or 1)) if cuda else "0"
 
     def stage1_argv(self, save_dir, epochs, *extra):
-        quick = ["--crop_size", "64", "--num_levels", "2", "--batch_size", "4", "--eval_patch_num", "1",
+        # --quick on the CPU (11 training images): one step per epoch, the last partial batch dropped
+        quick = ["--crop_size", "64", "--num_levels", "2", "--batch_size", "8", "--eval_patch_num", "1",
                  "--level_eval_images", "2"] if self.quick else ["--batch_size", "8", "--level_eval_images", "8"]
         return ["pretrain_qualiclip.py", "--data_root", self.koniq, "--text_features", self.anchors,
                 "--model_size", self.size, "--no_imagenet_pretrained", "--epochs", str(epochs),
@@ -244,7 +245,7 @@ class Context:
                 "--save_dir", save_dir, *quick, *extra]
 
     def stage2_argv(self, output_dir, epochs, *extra):
-        sizes = (["--batch_size", "8", "--train_patch_num", "1", "--test_patch_num", "1"] if self.quick
+        sizes = (["--batch_size", "16", "--train_patch_num", "1", "--test_patch_num", "1"] if self.quick  # CPU: one step per epoch
                  else ["--batch_size", "32", "--train_patch_num", "4", "--test_patch_num", "2"])
         return ["train_swin.py", "--dataset", "koniq-10k", "--data_root", self.koniq, "--model_size", self.size,
                 "--no_imagenet_pretrained", "--epochs", str(epochs), "--num_workers", self.workers,
@@ -381,7 +382,7 @@ def build_checks(context):
         Check("stage1", stage1_check(epochs), 240),
         Check("stage2", stage2_check(epochs), 240),
         Check("bench", bench_check, 300),
-        Check("stage2_resume", stage2_resume_check(3 if context.quick else 6), 240),
+        Check("stage2_resume", stage2_resume_check(2 if context.quick else 6), 240),
         Check("torchrun_stage2", stage2_check(1, launcher="torchrun"), 180),
         Check("torchrun_stage1", stage1_check(1, launcher="torchrun"), 180),
         Check("stage2_compile", stage2_check(2, "--compile"), 300, no_compile),
