@@ -245,7 +245,8 @@ class Context:
                 "--save_dir", save_dir, *quick, *extra]
 
     def stage2_argv(self, output_dir, epochs, *extra):
-        sizes = (["--batch_size", "16", "--train_patch_num", "1", "--test_patch_num", "1"] if self.quick  # CPU: one step per epoch
+        # --quick on the CPU: one step per epoch
+        sizes = (["--batch_size", "16", "--train_patch_num", "1", "--test_patch_num", "1"] if self.quick
                  else ["--batch_size", "32", "--train_patch_num", "4", "--test_patch_num", "2"])
         return ["train_swin.py", "--dataset", "koniq-10k", "--data_root", self.koniq, "--model_size", self.size,
                 "--no_imagenet_pretrained", "--epochs", str(epochs), "--num_workers", self.workers,
