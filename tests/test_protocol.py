@@ -20,7 +20,8 @@ from tests.helpers import ROOT, assert_user_error, run_cli, run_pipeline
 NANO = ("--model_size", "nano", "--no_imagenet_pretrained", "--device", "cpu", "--num_workers", "0")
 STAGE1 = ("--batch_size", "2", "--crop_size", "64", "--num_levels", "2", "--resize", "96", "--epochs", "1",
           "--eval_patch_num", "1")
-FAST_STAGE2 = ("--train_patch_num", "2", "--test_patch_num", "3", "--batch_size", "8", "--epochs", "1")
+# a batch holds a round's training patches (about 17 images x 2): one step per round
+FAST_STAGE2 = ("--train_patch_num", "2", "--test_patch_num", "3", "--batch_size", "40", "--epochs", "1")
 
 
 def by_split(samples):
@@ -198,8 +199,9 @@ def test_pipeline_hyperiqa_runs_one_round_per_seed_with_its_own_stage1(demo_root
         "--agiqa_root", missing, "--livec_root", missing, "--model_size", "nano", "--epochs_pretrain", "1",
         "--epochs", "1", "--seeds", "2", "--split_seed", "3", "--output", out,
         "--pretrain_args", f"--text_features {text_features_file} --crop_size 64 --num_levels 2 --num_workers 0 "
-                           f"--eval_patch_num 1 --resize 96",
-        "--", "--num_workers", "0", "--train_patch_num", "1", "--test_patch_num", "1", "--batch_size", "8",
+                           "--eval_patch_num 1 --resize 96 --batch_size 16",
+        # batches that hold a round's training split: one step per run
+        "--", "--num_workers", "0", "--train_patch_num", "1", "--test_patch_num", "1", "--batch_size", "32",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for seed in (0, 1):
