@@ -131,7 +131,8 @@ def write_images(folder, count=6, size=(96, 80)):
     return folder
 
 
-PRETRAIN_FAST = ["--model_size", "nano", "--no_imagenet_pretrained", "--batch_size", "2", "--num_workers", "0",
+# batches of 16: one step per epoch on the few training images of these tests
+PRETRAIN_FAST = ["--model_size", "nano", "--no_imagenet_pretrained", "--batch_size", "16", "--num_workers", "0",
                  "--crop_size", "64", "--num_levels", "3", "--eval_patch_num", "1"]
 
 
