@@ -32,8 +32,9 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_run(demo, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "koniq_nano"
+    # a batch of 32 holds the training split (70% of 40 images): one step per epoch
     proc = run_cli("train_swin.py", "--dataset", "koniq-10k", "--data_root", demo["koniq-10k"], *NANO,
-                   "--epochs", "2", "--batch_size", "8", "--train_patch_num", "1", "--test_patch_num", "2",
+                   "--epochs", "2", "--batch_size", "32", "--train_patch_num", "1", "--test_patch_num", "2",
                    "--use_multiscale", "--attention_fusion", "--output_dir", run_dir,
                    "--cross_datasets", f"spaq={demo['spaq']}")
     assert proc.returncode == 0, proc.stderr[-3000:]
