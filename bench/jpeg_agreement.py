@@ -21,7 +21,6 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench import photo  # noqa: E402
 from iqa import runtime  # noqa: E402
 from qualiclip_pretrain.degradation_generator import JPEG_SUBSAMPLING, LEVEL_PARAMS, cuda_jpeg  # noqa: E402
 
@@ -46,6 +45,9 @@ def pil_jpeg(crops, quality):
 
 def photo_crops(count):
     """``count`` 224-pixel crops of a 1024x768 photograph on a grid (different content each)."""
+    # Imported here: bench.bench loads every model, which a machine without CUDA never needs.
+    from bench.bench import photo
+
     image = torch.from_numpy(np.asarray(photo(1024, 768)).copy()).permute(2, 0, 1)
     ys, xs = np.linspace(0, 768 - CROP, 4).astype(int), np.linspace(0, 1024 - CROP, max(1, -(-count // 4))).astype(int)
     return torch.stack([image[:, y:y + CROP, x:x + CROP] for x in xs for y in ys][:count])
