@@ -37,9 +37,7 @@ from models.clip_text import PROMPT_SETS, compute_text_features, load_text_featu
 from models.quality_encoder import QualityEncoder
 from models.swin_backbone import MODEL_SIZES
 from qualiclip_pretrain import arniqa
-from qualiclip_pretrain.degradation_generator import (
-    DISTORTION_TYPES, parse_distortion_types, parse_type_weights, select_levels,
-)
+from qualiclip_pretrain.degradation_generator import DISTORTION_TYPES, parse_distortion_types, select_levels
 from qualiclip_pretrain.diagnostics import choose_images, collapse_warning, level_ranking_accuracy
 from qualiclip_pretrain.engine import (
     NON_FINITE_ADVICE, STATE_FORMAT, RunContext, image_names, load_images, make_train_loader, train_one_epoch,
@@ -101,9 +99,6 @@ def get_args_parser():
     data.add_argument("--all_types_per_image", action="store_true",
                       help="--degradations original: every image carries the ladders of all --distortion_types on "
                            "the same two crops, instead of one drawn type (T times the work per image)")
-    data.add_argument("--clean_level", action="store_true",
-                      help="--degradations original: the undegraded crop is the mildest level of every training "
-                           "ladder (--num_levels + 1 levels), as in the level-ranking accuracy")
     data.add_argument("--eval_resize", type=int, default=None,
                       help="shorter side of images for zero-shot eval (default: --resize)")
     data.add_argument("--eval_patch_num", type=int, default=5, help="grid crops averaged per image in zero-shot eval")
@@ -145,12 +140,6 @@ def get_args_parser():
     loss.add_argument("--lambda_cons", type=float, default=1.0)
     loss.add_argument("--lambda_pos", type=float, default=1.0)
     loss.add_argument("--lambda_neg", type=float, default=1.0)
-    loss.add_argument("--type_weights", nargs="+", default=None, metavar="TYPE=WEIGHT",
-                      help="--degradations original: weight of each distortion type's ladders in the ranking terms "
-                           "(e.g. noise=0.25; unnamed types 1)")
-    loss.add_argument("--pcgrad", action="store_true",
-                      help="--degradations original, one process: a gradient per distortion type, conflicting ones "
-                           "projected apart before they are summed (PCGrad)")
 
     optim = p.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=int, default=10)
@@ -190,7 +179,6 @@ def check_args(args):
     args.distortion_types = parse_distortion_types(args.distortion_types)
     args.curriculum_types = parse_distortion_types(args.curriculum_types) if args.curriculum_types else []
     select_levels(args.num_levels)
-    args.type_weights = parse_type_weights(args.type_weights, args.distortion_types)
     if args.degradations == "guide":
         args.degradations = "original"
     if args.degradations == "arniqa":
@@ -199,9 +187,6 @@ def check_args(args):
                             "choose groups with --arniqa_groups")
         args.arniqa_groups, args.max_distortions = arniqa.composition_settings(args.arniqa_groups,
                                                                                args.max_distortions, args.crop_size)
-        if args.type_weights or args.pcgrad:
-            raise UserError("--type_weights and --pcgrad work on the original model's types; they do not apply to "
-                            "--degradations arniqa")
     elif args.arniqa_groups is not None or args.max_distortions is not None:
         raise UserError("--arniqa_groups and --max_distortions apply to --degradations arniqa only")
     # auto is resolved once, so that args.json records what the run used and a resume keeps it
@@ -323,9 +308,6 @@ def train(args, dist_info):
     else:
         check_args(args)
     resuming = bool(args.resume)
-    if args.pcgrad and dist_info.enabled:
-        raise UserError("--pcgrad runs one backward pass per distortion type and cannot keep several processes in "
-                        "step; run it in one process")
     # Every rank must agree on the timestamped default directory.
     args.save_dir = broadcast_object(args.save_dir or default_save_dir(), dist_info)
     # Everything the user supplied is checked (and every image decoded once) before the run
@@ -351,7 +333,7 @@ def train(args, dist_info):
                               degradations=args.degradations, arniqa_groups=args.arniqa_groups,
                               max_distortions=args.max_distortions, jpeg_on=args.jpeg_on,
                               curriculum_types=args.curriculum_types, curriculum_epochs=args.curriculum_epochs,
-                              all_types=args.all_types_per_image, clean_level=args.clean_level)
+                              all_types=args.all_types_per_image)
     if len(dataset) < args.batch_size * dist_info.world_size and dist_info.enabled:
         raise UserError(f"{len(dataset)} training images cannot fill one batch per GPU; lower --batch_size")
     loader = make_train_loader(dataset, args, dist_info)
@@ -392,10 +374,7 @@ def train(args, dist_info):
     trained_on = image_names([path for path, _ in train_images], args)
     ckpt = lambda: encoder.checkpoint_dict(text_features, prompts, vars(args), trained_on)  # noqa: E731
     scalar_log = ScalarLog(args.save_dir, args.tensorboard and dist_info.is_main)
-    type_weights = None
-    if args.type_weights:
-        type_weights = torch.tensor([args.type_weights.get(name, 1.0) for name in DISTORTION_TYPES])
-    run = RunContext(dist_info, amp, select_levels(args.num_levels), scalar_log, type_weights)
+    run = RunContext(dist_info, amp, select_levels(args.num_levels), scalar_log)
     val_pred = None
     try:
         for epoch in range(start_epoch + 1, args.epochs + 1):

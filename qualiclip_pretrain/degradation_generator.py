@@ -112,23 +112,6 @@ def parse_distortion_types(value):
     return out
 
 
-def parse_type_weights(values, distortion_types):
-    """``['noise=0.25', ...]`` -> ``{'noise': 0.25, ...}``: a non-negative weight per named type, each one of
-    ``distortion_types``; a dict (from a run's args.json) is checked the same way."""
-    items = values.items() if isinstance(values, dict) else [str(v).partition("=")[::2] for v in values or ()]
-    weights = {}
-    for name, weight in items:
-        try:
-            weight = float(weight)
-        except ValueError:
-            weight = float("nan")
-        if name not in distortion_types or not weight >= 0 or name in weights:
-            raise UserError(f"--type_weights: {name}={weight} must be NAME=WEIGHT with NAME one of --distortion_types "
-                            f"({', '.join(distortion_types)}), each once, and WEIGHT >= 0")
-        weights[name] = weight
-    return weights
-
-
 def blur_radius(sigma):
     """Kernel radius for a Gaussian of ``sigma`` (scipy's ``int(truncate*sigma + 0.5)``)."""
     return int(BLUR_TRUNCATE * float(sigma) + 0.5)
@@ -504,5 +487,5 @@ def cuda_jpeg(images, qualities):
 
 __all__ = [
     "DISTORTION_TYPES", "LEVEL_PARAMS", "NUM_LEVELS", "MAX_BLUR_RADIUS", "SyntheticDegradation",
-    "select_levels", "parse_distortion_types", "parse_type_weights", "degrade_batch", "gaussian_kernel1d", "blur_radius", "cuda_jpeg",
+    "select_levels", "parse_distortion_types", "degrade_batch", "gaussian_kernel1d", "blur_radius", "cuda_jpeg",
 ]

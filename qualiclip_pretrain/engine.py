@@ -38,7 +38,6 @@ class RunContext:
     amp_dtype: object          # autocast dtype, None = off
     levels: list               # the selected degradation levels
     scalar_log: ScalarLog
-    type_weights: object = None  # ranking weight per DISTORTION_TYPES index (tensor), None = all 1
 
 
 # ----------------------------------------------------------------------------- data
@@ -97,8 +96,7 @@ def prepare_batch(batch, levels, args, device, generator):
     ``levels``: the selected 0-based levels. ``args.degrade_on`` ('device' or 'worker') and
     ``args.jpeg_on`` ('worker' when absent, as from callers that predate it) say what the workers left
     to do; an ARNIQA batch (with ``composition``) carries how many steps each worker applied.
-    ``args.clean_level`` (False when absent): the first level of every ladder is the clean crop. A batch
-    of ``--all_types_per_image`` items (crops ``(B, T, 2, L, ...)``) becomes B*T ladders, image-major.
+    A batch of ``--all_types_per_image`` items (crops ``(B, T, 2, L, ...)``) becomes B*T ladders, image-major.
     """
     crops = batch["crops"].to(device, non_blocking=True)
     distortion_types = batch.get("distortion_type")
@@ -113,16 +111,13 @@ def prepare_batch(batch, levels, args, device, generator):
                                         jpeg="cuda" if jpeg_on == "cuda" else "pil")
         images = (degraded * 255).round().flatten(0, 2)
     elif args.degrade_on == "device":
-        clean_level = getattr(args, "clean_level", False)
-        ladders = crops[:, :, 1:] if clean_level else crops
+        images = crops.flatten(0, 2)
         # distortion types stay on the host: degrade_batch then runs each type on its own rows only
-        row_types = distortion_types.repeat_interleave(two * len(levels))
+        row_types = distortion_types.repeat_interleave(two * num_levels)
         level_ids = torch.as_tensor(levels).repeat(b * two)
         # Rows run (image, crop, level): the levels of a crop share one noise field, as in the workers.
-        images = degrade_batch(ladders.flatten(0, 2), row_types, level_ids, generator=generator,
-                               noise_group_size=len(levels), jpeg="cuda" if jpeg_on == "cuda" else "skip")
-        if clean_level:
-            images = torch.cat([crops[:, :, :1].float(), images.view(*ladders.shape)], dim=2).flatten(0, 2)
+        images = degrade_batch(images, row_types, level_ids, generator=generator, noise_group_size=num_levels,
+                               jpeg="cuda" if jpeg_on == "cuda" else "skip")
     else:
         images = crops.flatten(0, 2)
     return to_model_input(images, device, args.channels_last), (b, two, num_levels)
@@ -151,13 +146,10 @@ def train_one_epoch(model, loader, loss_fn, text_features, optimizer, scheduler,
     for it, batch in enumerate(bar):
         generator.manual_seed(args.seed * 1_000_003 + seed_index * 100_003 + it)
         images, shape = prepare_batch(batch, run.levels, args, device, generator)
-        ladder_types = batch["distortion_type"].flatten() if "distortion_type" in batch else None
-        scale = lambda loss: scaler.scale(loss / args.grad_accum)  # noqa: E731
-        if getattr(args, "pcgrad", False):
-            parts, features = pcgrad_backward(model, images, shape, ladder_types, loss_fn, text_features, scale, run)
-        else:
-            parts, features = ladder_loss(model, images, shape, ladder_types, loss_fn, text_features, run)
-            scale(parts["loss"]).backward()
+        with autocast(device, run.amp_dtype):
+            features = model(images)
+        parts = loss_fn(features.float().view(*shape, -1), text_features)
+        scaler.scale(parts["loss"] / args.grad_accum).backward()
         if (it + 1) % args.grad_accum == 0 or it + 1 == len(loader):
             if args.clip_grad:
                 scaler.unscale_(optimizer)
@@ -172,54 +164,6 @@ def train_one_epoch(model, loader, loss_fn, text_features, optimizer, scheduler,
             bar.set_postfix(loss=f"{running['loss']:.4f}", lr=f"{lr:.2e}")
             run.scalar_log.add({"loss": running["loss"], "lr": lr}, (epoch - 1) * len(loader) + it + 1, prefix="step/")
     return monitor.read()
-
-
-def ladder_loss(model, images, shape, ladder_types, loss_fn, text_features, run):
-    """Forward ``images`` (``shape`` = ladders, crops, levels) -> (loss parts, features); the ladders are
-    weighted by ``run.type_weights`` of their ``ladder_types``."""
-    with autocast(run.dist_info.device, run.amp_dtype):
-        features = model(images)
-    weights = None if run.type_weights is None else run.type_weights[ladder_types]
-    return loss_fn(features.float().view(*shape, -1), text_features, weights), features
-
-
-def pcgrad_backward(model, images, shape, ladder_types, loss_fn, text_features, scale, run):
-    """``--pcgrad``: PCGrad (Yu et al. 2020, "Gradient surgery for multi-task learning") over the distortion
-    types. Each type present in the batch gets its own forward and backward on its own ladders (the same
-    work as one pass over the batch); where two types' gradients conflict (negative dot product), each is
-    projected onto the normal plane of the other's before they are summed into the accumulated gradients.
-    Returns the batch's loss parts (each type's weighted by its share of the ladders) and its features."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    accumulated = [p.grad for p in params]
-    ladders = images.view(*shape, *images.shape[1:])
-    grads, parts, features = [], {}, []
-    for kind in ladder_types.unique().tolist():
-        rows = (ladder_types == kind).nonzero().flatten()
-        share = len(rows) / shape[0]
-        for p in params:
-            p.grad = None
-        kind_parts, kind_features = ladder_loss(model, ladders[rows.to(images.device)].flatten(0, 2),
-                                                (len(rows), *shape[1:]), ladder_types[rows], loss_fn,
-                                                text_features, run)
-        scale(kind_parts["loss"] * share).backward()
-        grads.append(torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params]))
-        parts = {k: parts.get(k, 0) + v.detach() * share for k, v in kind_parts.items()}
-        features.append(kind_features.detach())
-    # Projected against the other types' original gradients, in a fixed order (PCGrad draws one at random).
-    total = torch.zeros_like(grads[0])
-    for i, grad in enumerate(grads):
-        grad = grad.clone()
-        for other in grads[:i] + grads[i + 1:]:
-            dot = torch.dot(grad, other)
-            if dot < 0:
-                grad -= dot / other.square().sum() * other
-        total += grad
-    offset = 0
-    for p, previous in zip(params, accumulated):
-        grad = total[offset:offset + p.numel()].view_as(p)
-        offset += p.numel()
-        p.grad = grad if previous is None else previous + grad
-    return parts, torch.cat(features)
 
 
 def zero_shot_eval(encoder, eval_set, text_features, args, run):

@@ -4,10 +4,9 @@ Two degradation models (``degradations``):
 
 * ``'original'``: one distortion type of ``degradation_generator`` per item. Each item is
   ``{'crops': uint8 (2, L, 3, S, S), 'distortion_type': int, 'index': int}``: both crops at the L
-  selected levels, mildest first. ``clean_level=True`` prepends the undegraded crop as the mildest
-  level (L + 1 levels). ``all_types=True`` gives every item the ladders of all its types on the same
-  two crops: ``crops`` ``(T, 2, L, 3, S, S)`` and ``distortion_type`` a ``(T,)`` tensor, so every
-  training step ranks each type on the same images. With ``degrade_on='device'`` workers only decode, crop and
+  selected levels, mildest first. ``all_types=True`` gives every item the ladders of all its types on
+  the same two crops: ``crops`` ``(T, 2, L, 3, S, S)`` and ``distortion_type`` a ``(T,)`` tensor, so
+  every training step ranks each type on the same images, in the same proportions. With ``degrade_on='device'`` workers only decode, crop and
   JPEG-encode; blur, noise and brightness rows are left clean (the L copies are views of one crop
   until collation) and are degraded in a batch on the training device by
   ``degradation_generator.degrade_batch``.  ``degrade_on='worker'`` applies every degradation with
@@ -92,13 +91,13 @@ class PretrainDataset(Dataset):
     ``curriculum_types``, ``curriculum_epochs``: in the first ``curriculum_epochs`` epochs (``set_epoch``
     counts from 0) the type is drawn from ``curriculum_types`` only, later from all ``distortion_types``
     (with ``all_types``, every item carries those types' ladders).
-    ``all_types``, ``clean_level``: see the module docstring (original model only).
+    ``all_types``: see the module docstring (original model only).
     """
 
     def __init__(self, image_paths, crop_size=224, distortion_types=DISTORTION_TYPES, num_levels=5,
                  degrade_on="device", seed=0, resize=0, *, degradations="original", arniqa_groups=None,
                  max_distortions=None, jpeg_on="worker", curriculum_types=(), curriculum_epochs=0,
-                 all_types=False, clean_level=False):
+                 all_types=False):
         if degrade_on not in ("device", "worker"):
             raise UserError(f"--degrade_on '{degrade_on}' is not one of device, worker (resolve auto first)")
         if degradations not in DEGRADATIONS:
@@ -110,8 +109,8 @@ class PretrainDataset(Dataset):
         if curriculum_epochs and not (curriculum_types and set(curriculum_types) <= set(distortion_types)):
             raise UserError(f"--curriculum_types {' '.join(curriculum_types) or '(none)'} must be one or more of "
                             f"--distortion_types {' '.join(distortion_types)}")
-        if degradations == "arniqa" and (all_types or clean_level):
-            raise UserError("--all_types_per_image and --clean_level apply to --degradations original only")
+        if degradations == "arniqa" and all_types:
+            raise UserError("--all_types_per_image applies to --degradations original only")
         self.image_paths = list(image_paths)
         self.crop_size = crop_size
         self.resize = resize
@@ -120,7 +119,6 @@ class PretrainDataset(Dataset):
         self.curriculum_types = list(curriculum_types)
         self.curriculum_epochs = curriculum_epochs
         self.all_types = all_types
-        self.clean_level = clean_level
         self.levels = select_levels(num_levels)
         self.degraders = {t: SyntheticDegradation(t, num_levels) for t in self.distortion_types}
         if degradations == "arniqa":
@@ -166,18 +164,15 @@ class PretrainDataset(Dataset):
         }
 
     def _ladders(self, rng, crops, distortion_type):
-        """uint8 ``(2, L, 3, S, S)`` (``L + 1`` with the clean level first): both crops at every level, or
-        left clean where the device degrades them."""
+        """uint8 ``(2, L, 3, S, S)``: both crops at every level, or left clean where the device degrades them."""
         views = []
         for crop in crops:
-            clean = pil_to_uint8_tensor(crop).unsqueeze(0)
             if self._needs_worker_degradation(distortion_type):
                 degrader = self.degraders[distortion_type]
                 degrader.rng = rng
-                ladder = torch.stack([pil_to_uint8_tensor(im) for im in degrader(crop)])
+                views.append(torch.stack([pil_to_uint8_tensor(im) for im in degrader(crop)]))
             else:
-                ladder = clean.expand(len(self.levels), -1, -1, -1)
-            views.append(torch.cat([clean, ladder]) if self.clean_level else ladder)
+                views.append(pil_to_uint8_tensor(crop).unsqueeze(0).expand(len(self.levels), -1, -1, -1))
         return torch.stack(views)
 
     def worker_steps(self, composition):

@@ -10,10 +10,6 @@ L2-normalised here. With ``c[b,a,l,k] = cos(image_features[b,a,l], text_features
     L_cons = mean over b, l, k     of  max(0, |c[b,0,l,k] − c[b,1,l,k]| − m_c)
     L      = λ_c·L_cons + λ_p·L_pos + λ_n·L_neg
 
-``ladder_weights`` (optional, ``(B,)``): ladder b's terms of ``L_pos`` and ``L_neg`` are multiplied
-by its weight (the mean still divides by the number of terms; weight 1 everywhere is the unweighted
-loss); ``pretrain_qualiclip.py --type_weights`` weights the ladders by distortion type.
-
 ``QualiCLIPLoss`` ranks all pairs l < l'; ``SimplifiedQualiCLIPLoss`` only adjacent pairs
 (l' = l + 1). Both share one implementation that differs only in the pair set. With P prompt
 pairs every term is computed per pair as above and averaged over the pairs (one tensor op, no
@@ -83,11 +79,8 @@ class _RankingConsistencyLoss(nn.Module):
         if image_features.shape[0] == 0 or image_features.shape[2] == 0:
             raise ValueError(f"image_features has an empty batch or level axis: {tuple(image_features.shape)}")
 
-    def forward(self, image_features, text_features, ladder_weights=None):
+    def forward(self, image_features, text_features):
         self._check(image_features, text_features)
-        if ladder_weights is not None and tuple(ladder_weights.shape) != image_features.shape[:1]:
-            raise ValueError(f"ladder_weights must have shape ({image_features.shape[0]},) (one weight per ladder), "
-                             f"got {tuple(ladder_weights.shape)}")
         device = image_features.device
         amp_off = (torch.autocast(device.type, enabled=False)
                    if torch.amp.is_autocast_available(device.type) else contextlib.nullcontext())
@@ -99,12 +92,8 @@ class _RankingConsistencyLoss(nn.Module):
             first, second = self.level_pairs(c.shape[2], device)
             if first.numel():
                 c_first, c_second = c.index_select(2, first), c.index_select(2, second)  # (B, 2, pairs, P, 2)
-                pos = F.relu(self.margin_rank - (c_first[..., 0] - c_second[..., 0]))
-                neg = F.relu(self.margin_rank - (c_second[..., 1] - c_first[..., 1]))
-                if ladder_weights is not None:
-                    weights = ladder_weights.to(device=device, dtype=torch.float32).view(-1, 1, 1, 1)
-                    pos, neg = pos * weights, neg * weights
-                pos, neg = pos.mean(), neg.mean()
+                pos = F.relu(self.margin_rank - (c_first[..., 0] - c_second[..., 0])).mean()
+                neg = F.relu(self.margin_rank - (c_second[..., 1] - c_first[..., 1])).mean()
             else:
                 pos = neg = c.new_zeros(())
             loss = self.lambda_cons * cons + self.lambda_pos * pos + self.lambda_neg * neg
