@@ -6,9 +6,10 @@ Two degradation models (``degradations``):
   ``{'crops': uint8 (2, L, 3, S, S), 'distortion_type': int, 'index': int}``: both crops at the L
   selected levels, mildest first. ``all_types=True`` gives every item the ladders of all its types on
   the same two crops: ``crops`` ``(T, 2, L, 3, S, S)`` and ``distortion_type`` a ``(T,)`` tensor, so
-  every training step ranks each type on the same images, in the same proportions. With ``degrade_on='device'`` workers only decode, crop and
-  JPEG-encode; blur, noise and brightness rows are left clean (the L copies are views of one crop
-  until collation) and are degraded in a batch on the training device by
+  every training step ranks each type on the same images, in the same proportions.
+  With ``degrade_on='device'`` workers only decode, crop and JPEG-encode; blur, noise and brightness
+  rows are left clean (the L copies are views of one crop until collation) and are degraded in a
+  batch on the training device by
   ``degradation_generator.degrade_batch``.  ``degrade_on='worker'`` applies every degradation with
   PIL in the worker instead.
 * ``'arniqa'``: one ARNIQA composition per item (``arniqa.draw_composition``: 1..``max_distortions``
