@@ -151,7 +151,8 @@ def train(args, dist_info):
                               args.num_levels, args.degrade_on, args.seed, resize=args.resize,
                               degradations=args.degradations, arniqa_groups=args.arniqa_groups,
                               max_distortions=args.max_distortions, jpeg_on=args.jpeg_on,
-                              curriculum_types=args.curriculum_types, curriculum_epochs=args.curriculum_epochs)
+                              curriculum_types=args.curriculum_types, curriculum_epochs=args.curriculum_epochs,
+                              all_types=args.all_types_per_image)
     if len(dataset) < args.batch_size * dist_info.world_size and dist_info.enabled:
         raise UserError(f"{len(dataset)} training images cannot fill one batch per GPU; lower --batch_size")
     loader = make_train_loader(dataset, args, dist_info)

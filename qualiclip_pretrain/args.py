@@ -66,6 +66,9 @@ def get_args_parser():
                            "--curriculum_epochs epochs (space or comma separated, a subset of --distortion_types)")
     data.add_argument("--curriculum_epochs", type=int, default=0,
                       help="epochs that draw only --curriculum_types (0: every epoch draws all types)")
+    data.add_argument("--all_types_per_image", action="store_true",
+                      help="--degradations original: every image carries the ladders of all --distortion_types on "
+                           "the same two crops, instead of one drawn type (T times the work per image)")
     data.add_argument("--eval_resize", type=int, default=None,
                       help="shorter side of images for zero-shot eval (default: --resize)")
     data.add_argument("--eval_patch_num", type=int, default=5, help="grid crops averaged per image in zero-shot eval")

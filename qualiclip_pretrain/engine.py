@@ -96,8 +96,12 @@ def prepare_batch(batch, levels, args, device, generator):
     ``levels``: the selected 0-based levels. ``args.degrade_on`` ('device' or 'worker') and
     ``args.jpeg_on`` ('worker' when absent, as from callers that predate it) say what the workers left
     to do; an ARNIQA batch (with ``composition``) carries how many steps each worker applied.
+    A batch of ``--all_types_per_image`` items (crops ``(B, T, 2, L, ...)``) becomes B*T ladders, image-major.
     """
     crops = batch["crops"].to(device, non_blocking=True)
+    distortion_types = batch.get("distortion_type")
+    if crops.ndim == 7:
+        crops, distortion_types = crops.flatten(0, 1), distortion_types.flatten()
     b, two, num_levels = crops.shape[:3]
     jpeg_on = getattr(args, "jpeg_on", "worker")
     if "composition" in batch:
@@ -109,10 +113,10 @@ def prepare_batch(batch, levels, args, device, generator):
     elif args.degrade_on == "device":
         images = crops.flatten(0, 2)
         # distortion types stay on the host: degrade_batch then runs each type on its own rows only
-        distortion_types = batch["distortion_type"].repeat_interleave(two * num_levels)
+        row_types = distortion_types.repeat_interleave(two * num_levels)
         level_ids = torch.as_tensor(levels).repeat(b * two)
         # Rows run (image, crop, level): the levels of a crop share one noise field, as in the workers.
-        images = degrade_batch(images, distortion_types, level_ids, generator=generator, noise_group_size=num_levels,
+        images = degrade_batch(images, row_types, level_ids, generator=generator, noise_group_size=num_levels,
                                jpeg="cuda" if jpeg_on == "cuda" else "skip")
     else:
         images = crops.flatten(0, 2)

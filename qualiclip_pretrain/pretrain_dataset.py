@@ -4,9 +4,12 @@ Two degradation models (``degradations``):
 
 * ``'original'``: one distortion type of ``degradation_generator`` per item. Each item is
   ``{'crops': uint8 (2, L, 3, S, S), 'distortion_type': int, 'index': int}``: both crops at the L
-  selected levels, mildest first. With ``degrade_on='device'`` workers only decode, crop and
-  JPEG-encode; blur, noise and brightness rows are left clean (the L copies are views of one crop
-  until collation) and are degraded in a batch on the training device by
+  selected levels, mildest first. ``all_types=True`` gives every item the ladders of all its types on
+  the same two crops: ``crops`` ``(T, 2, L, 3, S, S)`` and ``distortion_type`` a ``(T,)`` tensor, so
+  every training step ranks each type on the same images, in the same proportions.
+  With ``degrade_on='device'`` workers only decode, crop and JPEG-encode; blur, noise and brightness
+  rows are left clean (the L copies are views of one crop until collation) and are degraded in a
+  batch on the training device by
   ``degradation_generator.degrade_batch``.  ``degrade_on='worker'`` applies every degradation with
   PIL in the worker instead.
 * ``'arniqa'``: one ARNIQA composition per item (``arniqa.draw_composition``: 1..``max_distortions``
@@ -87,12 +90,15 @@ class PretrainDataset(Dataset):
     ARNIQA model's groups (default all) and composition length (default ARNIQA's 4, at most the
     number of groups).
     ``curriculum_types``, ``curriculum_epochs``: in the first ``curriculum_epochs`` epochs (``set_epoch``
-    counts from 0) the type is drawn from ``curriculum_types`` only, later from all ``distortion_types``.
+    counts from 0) the type is drawn from ``curriculum_types`` only, later from all ``distortion_types``
+    (with ``all_types``, every item carries those types' ladders).
+    ``all_types``: see the module docstring (original model only).
     """
 
     def __init__(self, image_paths, crop_size=224, distortion_types=DISTORTION_TYPES, num_levels=5,
                  degrade_on="device", seed=0, resize=0, *, degradations="original", arniqa_groups=None,
-                 max_distortions=None, jpeg_on="worker", curriculum_types=(), curriculum_epochs=0):
+                 max_distortions=None, jpeg_on="worker", curriculum_types=(), curriculum_epochs=0,
+                 all_types=False):
         if degrade_on not in ("device", "worker"):
             raise UserError(f"--degrade_on '{degrade_on}' is not one of device, worker (resolve auto first)")
         if degradations not in DEGRADATIONS:
@@ -104,14 +110,16 @@ class PretrainDataset(Dataset):
         if curriculum_epochs and not (curriculum_types and set(curriculum_types) <= set(distortion_types)):
             raise UserError(f"--curriculum_types {' '.join(curriculum_types) or '(none)'} must be one or more of "
                             f"--distortion_types {' '.join(distortion_types)}")
+        if degradations == "arniqa" and all_types:
+            raise UserError("--all_types_per_image applies to --degradations original only")
         self.image_paths = list(image_paths)
         self.crop_size = crop_size
         self.resize = resize
         self.degradations = degradations
         self.distortion_types = list(distortion_types)
-        self.type_ids = [DISTORTION_TYPES.index(t) for t in self.distortion_types]
         self.curriculum_types = list(curriculum_types)
         self.curriculum_epochs = curriculum_epochs
+        self.all_types = all_types
         self.levels = select_levels(num_levels)
         self.degraders = {t: SyntheticDegradation(t, num_levels) for t in self.distortion_types}
         if degradations == "arniqa":
@@ -145,8 +153,19 @@ class PretrainDataset(Dataset):
         if self.degradations == "arniqa":
             return self._arniqa_item(rng, crops, index)
         drawn_from = self.curriculum_types if self.epoch < self.curriculum_epochs else self.distortion_types
+        if self.all_types:
+            ladders = [self._ladders(rng, crops, name) for name in drawn_from]
+            type_ids = torch.tensor([DISTORTION_TYPES.index(name) for name in drawn_from])
+            return {"crops": torch.stack(ladders), "distortion_type": type_ids, "index": index}
         distortion_type = drawn_from[int(rng.integers(len(drawn_from)))]
-        choice = self.distortion_types.index(distortion_type)
+        return {
+            "crops": self._ladders(rng, crops, distortion_type),
+            "distortion_type": DISTORTION_TYPES.index(distortion_type),
+            "index": index,
+        }
+
+    def _ladders(self, rng, crops, distortion_type):
+        """uint8 ``(2, L, 3, S, S)``: both crops at every level, or left clean where the device degrades them."""
         views = []
         for crop in crops:
             if self._needs_worker_degradation(distortion_type):
@@ -155,11 +174,7 @@ class PretrainDataset(Dataset):
                 views.append(torch.stack([pil_to_uint8_tensor(im) for im in degrader(crop)]))
             else:
                 views.append(pil_to_uint8_tensor(crop).unsqueeze(0).expand(len(self.levels), -1, -1, -1))
-        return {
-            "crops": torch.stack(views),
-            "distortion_type": self.type_ids[choice],
-            "index": index,
-        }
+        return torch.stack(views)
 
     def worker_steps(self, composition):
         """How many leading steps of ``composition`` the worker applies (module docstring)."""
