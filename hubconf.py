@@ -1,8 +1,9 @@
 """torch.hub entry points: this repository's checkpoints as image scorers (``iqa.scoring.Scorer``).
 
     scorer = torch.hub.load("path/to/this/repo", "hyperiqa_swin", checkpoint="runs/x/best.pt", source="local")
-    scores = scorer(images)        # (N, 3, H, W) RGB in [0, 1], or a list of (3, H, W) -> (N,) scores in [0, 1]
+    scores = scorer(images)        # (N, 3, H, W) RGB in [0, 1], or a list of (3, H, W) -> (N,) scores
     mos = scorer.to_mos(scores)    # on the training dataset's MOS scale
+    print(scorer.score_meaning)    # what the scores of this kind are
 
 Each entry point loads a local file (nothing is downloaded) and refuses a file of another kind.
 """
@@ -20,7 +21,8 @@ def hyperiqa_swin(checkpoint, device="cpu"):
 
 def qualiclip_swin_encoder(checkpoint, device="cpu"):
     """Stage-1 QualiCLIP-style Swin encoder of a ``pretrain_qualiclip.py`` .pkl -> ``Scorer`` giving the
-    zero-shot score in [0, 1] (probability of the positive prompt); no MOS scale."""
+    zero-shot log-odds 100 x (cos_pos - cos_neg) (unbounded; the probability of the positive prompt
+    saturates at 1.0 for a trained encoder); no MOS scale."""
     return load_scorer(checkpoint, device, kind="qualiclip_swin_encoder")
 
 

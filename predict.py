@@ -5,9 +5,11 @@
         --input photo.jpg --output zero_shot.csv
 
 A ``train_swin.py`` checkpoint gives ``score``, the model's output on its [0, 1] training scale,
-and ``mos``, that score mapped onto the training dataset's MOS range.  A Stage-1 ``.pkl`` gives
-the zero-shot ``score`` in [0, 1] (probability of the positive prompt) and no ``mos``; so does
-QualiCLIP's released ``qualiclip.pth``.  Each image is scored by ``iqa.scoring`` exactly as
+and ``mos``, that score mapped onto the training dataset's MOS range.  A Stage-1 Swin ``.pkl``
+gives the zero-shot log-odds ``100 x (cos_pos - cos_neg)`` as ``score`` (unbounded; the
+probability of the positive prompt saturates at 1.0 for a trained encoder) and no ``mos``; a CLIP
+encoder ``.pkl`` and QualiCLIP's released ``qualiclip.pth`` give QualiCLIP's probability in
+[0, 1].  The run prints which, and ``<output>.json`` records it as ``score_meaning``.  Each image is scored by ``iqa.scoring`` exactly as
 evaluation scores it (mean over grid crops; CLIP image encoders, the release included: the whole
 image at full resolution, as QualiCLIP's inference).
 
@@ -110,7 +112,7 @@ def main(args):
     header = ["image", "score"] + (["mos"] if scorer.mos_bounds else [])
     settings = {"checkpoint": os.path.abspath(args.checkpoint), "kind": scorer.kind, "resize": scorer.resize,
                 "patch_size": scorer.patch_size, "test_patch_num": scorer.test_patch_num,
-                "mos_bounds": scorer.mos_bounds, "columns": header}
+                "mos_bounds": scorer.mos_bounds, "columns": header, "score_meaning": scorer.score_meaning}
 
     done = scored_names(args.output, settings, header) if resuming else set()
     if not resuming:
@@ -136,6 +138,7 @@ def main(args):
 
     skipped = f", {len(done)} already in it" if done else ""
     print(f"scored {len(scored)} image(s) -> {args.output}{skipped}")
+    print(scorer.score_meaning)
     if unreadable:
         print(f"{len(unreadable)} unreadable image(s) skipped, listed in {bad_list} (first: {unreadable[0][0]})")
     if scorer.mos_bounds:

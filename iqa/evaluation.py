@@ -2,7 +2,7 @@
 
 Used by Stage 2 (validation, test, cross-dataset), ``cross_dataset_test.py``, ``predict.py`` and
 Stage 1's zero-shot validation.  A scorer is any callable mapping an ImageNet-normalised
-``N×3×S×S`` batch to N scores in [0, 1]; per-image scores are the mean over
+``N×3×S×S`` batch to N scores (a Stage-2 model: in [0, 1]); per-image scores are the mean over
 ``EvalOptions.patch_num`` crops.
 
 In-domain and out-of-domain sets differ only in the RMSE they report:

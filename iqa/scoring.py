@@ -3,7 +3,8 @@
 
     from iqa.scoring import load_scorer
     scorer = load_scorer("runs/x/best.pt")            # or a Stage-1 .pkl, scored zero-shot
-    scores = scorer(images)                           # (N, 3, H, W) RGB in [0, 1] -> (N,) scores in [0, 1]
+    scores = scorer(images)                           # (N, 3, H, W) RGB in [0, 1] -> (N,) scores
+    print(scorer.score_meaning)                       # what the scores are: see the kinds below
     scores = scorer.score_paths(["a.jpg", "b.png"])   # decoded with iqa.datasets.load_rgb
     mos = scorer.to_mos(scores)                       # Stage 2 only: back to its training MOS scale
 
@@ -13,6 +14,12 @@ ImageNet-normalised, scored in eval mode under ``torch.inference_mode``, average
 CLIP image encoders (QualiCLIP's released ``qualiclip.pth`` and ``pretrain_qualiclip.py --encoder
 clip`` .pkl files) are scored as QualiCLIP's own inference scores: the whole image at full
 resolution (``patch_size`` None), no crops (``predict_whole_images``).
+
+The score of each kind: a Stage-2 checkpoint's output on its [0, 1] training scale; a Stage-1 Swin
+encoder's zero-shot log-odds ``100 * (cos_pos - cos_neg)`` (unbounded; ``sigmoid`` of it is the
+positive prompt's probability for one prompt pair), because that probability saturates to exactly
+1.0 for a trained Swin encoder and ties every image; a CLIP image encoder's QualiCLIP probability
+in [0, 1], as QualiCLIP's inference computes it.
 
 What a file is comes from its content, not its name: ``CHECKPOINT_KINDS`` maps a kind's name to
 how it is recognised and built, and ``register_kind`` adds one (e.g. another release format,
@@ -40,6 +47,9 @@ from models.swin_backbone import NATIVE_IMG_SIZE
 
 DEFAULT_BATCH_SIZE = 64
 CHUNK_SIZE = 256          # images decoded at a time by score_paths, so a long list never sits in memory at once
+LOG_ODDS_MEANING = ("score: zero-shot log-odds 100 x (cos_pos - cos_neg), unbounded, mean over the prompt pairs "
+                    "(higher = better; with one pair, sigmoid(score) is the positive prompt's probability)")
+PROBABILITY_MEANING = "score: QualiCLIP's probability of the positive prompts, in [0, 1] (higher = better)"
 MIN_WHOLE_IMAGE_SIDE = 32  # whole-image scoring upscales a smaller image: a ResNet's total stride, one feature position
 
 
@@ -71,7 +81,7 @@ def predict_whole_images(score_fn, images, device, opts, progress=False, desc="s
 
 
 class ZeroShotModel(nn.Module):
-    """A Stage-1 encoder with its prompt anchors: normalised crops -> zero-shot scores in [0, 1]."""
+    """A Stage-1 encoder with its prompt anchors: normalised crops -> the encoder's ``zero_shot_quality``."""
 
     def __init__(self, encoder, text_features):
         super().__init__()
@@ -79,7 +89,7 @@ class ZeroShotModel(nn.Module):
         self.register_buffer("text_features", text_features)
 
     def forward(self, x):
-        return self.encoder.score(x, self.text_features)
+        return self.encoder.zero_shot_quality(x, self.text_features)
 
 
 class Scorer:
@@ -89,11 +99,13 @@ class Scorer:
     ``test_patch_num`` (grid crops per image) are plain attributes: change them to score otherwise.
     ``patch_size`` None: the whole image is scored (no crops; ``test_patch_num`` is 1).
     ``mos_bounds``: the (lo, hi) training MOS range a Stage-2 score in [0, 1] stands for, else None.
+    ``score_meaning``: one line saying what the scores are (their scale), for people reading them.
     """
 
-    def __init__(self, model, *, kind, resize, patch_size, test_patch_num, mos_bounds=None):
+    def __init__(self, model, *, kind, resize, patch_size, test_patch_num, mos_bounds=None, score_meaning):
         self.model = model.eval()
         self.kind = kind
+        self.score_meaning = score_meaning
         self.resize = resize
         self.patch_size = patch_size
         self.test_patch_num = test_patch_num
@@ -201,7 +213,7 @@ class Scorer:
 @dataclass(frozen=True)
 class CheckpointKind:
     """``matches(ckpt)``: is the loaded object of this kind; ``build(ckpt, source)``: -> (model on CPU,
-    dict of the ``Scorer`` settings: resize, patch_size, test_patch_num, mos_bounds)."""
+    dict of the ``Scorer`` settings: resize, patch_size, test_patch_num, score_meaning, mos_bounds)."""
     name: str
     description: str          # what the user should pass, for error messages
     matches: Callable
@@ -229,6 +241,7 @@ def build_hyperiqa_swin(ckpt, source):
     return HyperIQASwin.from_checkpoint(ckpt, source), {
         "resize": other_dataset_resize(args["resize"]), "patch_size": args["patch_size"],
         "test_patch_num": args["test_patch_num"], "mos_bounds": ckpt["mos_bounds"],
+        "score_meaning": "score: the model's output on its [0, 1] training scale (higher = better)",
     }
 
 
@@ -242,6 +255,7 @@ def build_qualiclip_swin_encoder(ckpt, source):
         "resize": args.get("eval_resize", args.get("resize", DEFAULT_RESIZE)),
         "patch_size": args.get("crop_size", NATIVE_IMG_SIZE),
         "test_patch_num": args.get("eval_patch_num", DEFAULT_TEST_PATCH_NUM),
+        "score_meaning": LOG_ODDS_MEANING,
     }
 
 
@@ -251,7 +265,8 @@ def build_qualiclip_swin_encoder(ckpt, source):
 def build_clip_image_encoder(ckpt, source):
     encoder, text_features = ClipImageEncoder.from_checkpoint(ckpt, source)
     # QualiCLIP's inference: the full-resolution image, all prompt pairs.
-    return ZeroShotModel(encoder, text_features), {"resize": 0, "patch_size": None, "test_patch_num": 1}
+    return ZeroShotModel(encoder, text_features), {"resize": 0, "patch_size": None, "test_patch_num": 1,
+                                                   "score_meaning": PROBABILITY_MEANING}
 
 
 def load_scorer(path, device="cpu", kind=None):

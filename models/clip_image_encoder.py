@@ -123,6 +123,11 @@ class ClipImageEncoder(nn.Module):
         """QualiCLIP's score in [0, 1] against (P, 2, D) prompt features (or (2, D) anchors)."""
         return zero_shot_score(self(x), text_features)
 
+    def zero_shot_quality(self, x, text_features):
+        """The score evaluation correlates with MOS: QualiCLIP's own (``score``), so that numbers stay
+        comparable with its published ones."""
+        return self.score(x, text_features)
+
     def checkpoint_dict(self, text_features, prompts, args_dict, train_images=()):
         """The Stage-1 ``.pkl`` content (``models.quality_encoder.stage1_checkpoint``); ``visual`` is the
         open_clip image tower's state dict."""

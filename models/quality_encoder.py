@@ -1,8 +1,13 @@
 """Stage-1 quality encoder: Swin backbone + projection head into the CLIP text space.
 
 The encoder maps an image to a vector comparable with the frozen CLIP prompt anchors
-(``models/clip_text.py``).  ``score`` turns that comparison into a zero-shot quality in [0, 1],
-so Stage 1 can be evaluated against MOS before any fine-tuning.  ``checkpoint_dict`` /
+(``models/clip_text.py``).  ``score`` turns that comparison into CLIP's probability of the
+positive prompt, in [0, 1]; ``zero_shot_quality`` is what Stage-1 validation, cross-dataset tests
+and ``predict.py`` correlate with MOS: the log-odds of that probability.  The projection head is
+free to move the features far from both anchors, and once the log-odds pass about 17 the
+probability is exactly 1.0 in float32 for every image (measured: 32-81 on the demo's crops after
+15 epochs), so images tie and their ranking is lost; the log-odds order the images as the
+probability does (for one prompt pair) without the ties.  ``checkpoint_dict`` /
 ``from_checkpoint`` define the Stage-1 ``.pkl`` (docs/formats.md): a plain dict of tensors and
 strings that loads with ``torch.load(weights_only=True)`` and whose ``encoder`` entry is a timm
 Swin state dict with timm's own key names, so Stage 2 (or plain timm) can load it directly.
@@ -31,6 +36,13 @@ def zero_shot_logits(image_features, text_features):
     """100 * [cos_pos, cos_neg] (float32, shape (..., 2)): CLIP's logits against the two anchors; with
     (P, 2, D) anchors their mean over the pairs (so ``[..., 0] - [..., 1]`` is the mean log-odds)."""
     return prompt_pair_logits(image_features, text_features).mean(dim=-2)
+
+
+def zero_shot_log_odds(image_features, text_features):
+    """100 * (cos_pos - cos_neg) (float32, shape (...)): the log-odds of the positive prompt, i.e.
+    ``logit(zero_shot_score)`` for (2, D) anchors; with (P, 2, D) anchors the mean over the pairs."""
+    logits = zero_shot_logits(image_features, text_features)
+    return logits[..., 0] - logits[..., 1]
 
 
 def zero_shot_score(image_features, text_features):
@@ -76,6 +88,11 @@ class QualityEncoder(nn.Module):
     def score(self, x, text_features):
         """Zero-shot quality in [0, 1] against the (2, D) prompt anchors (row 0 positive) or (P, 2, D) pairs."""
         return zero_shot_score(self(x), text_features)
+
+    def zero_shot_quality(self, x, text_features):
+        """The score evaluation correlates with MOS: the log-odds (``zero_shot_log_odds``), which do not
+        saturate to ties as the probability does (see the module docstring)."""
+        return zero_shot_log_odds(self(x), text_features)
 
     def checkpoint_dict(self, text_features, prompts, args_dict, train_images=()):
         """The Stage-1 ``.pkl`` content (see ``stage1_checkpoint``): the timm Swin and the projection head."""

@@ -167,14 +167,14 @@ def train_one_epoch(model, loader, loss_fn, text_features, optimizer, scheduler,
 
 
 def zero_shot_eval(encoder, eval_set, text_features, args, run):
-    """SRCC/PLCC of the encoder's zero-shot score against MOS on the validation split, in eval mode
+    """SRCC/PLCC of the encoder's ``zero_shot_quality`` against MOS on the validation split, in eval mode
     (stochastic depth off: the score of an image must not depend on the call) -> (predictions, metrics)."""
     opts = EvalOptions(args.eval_patch_num, args.crop_size, max(8, args.batch_size * 4), run.amp_dtype,
                        args.channels_last, seed=args.seed)
     was_training = encoder.training
     encoder.eval()
     try:
-        metrics, pred = evaluate(lambda x: encoder.score(x, text_features), eval_set, run.dist_info, opts)
+        metrics, pred = evaluate(lambda x: encoder.zero_shot_quality(x, text_features), eval_set, run.dist_info, opts)
     finally:
         encoder.train(was_training)
     return pred, metrics

@@ -137,9 +137,10 @@ def test_level_curve_equals_scoring_the_degraded_images_directly(run):
                 expected.append(scorer([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in ladder]).numpy())
             expected = np.array(expected)
             curve = levels["checkpoints"][label][name]
-            np.testing.assert_allclose(curve["scores"], expected, atol=1e-6)
-            np.testing.assert_allclose(curve["mean"], expected.mean(axis=0), atol=1e-6)
-            np.testing.assert_allclose(curve["std"], np.std(expected, axis=0, ddof=1), atol=1e-6)
+            # float32 batching noise: relative, since the zero-shot log-odds are not bounded by 1
+            np.testing.assert_allclose(curve["scores"], expected, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(curve["mean"], expected.mean(axis=0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(curve["std"], np.std(expected, axis=0, ddof=1), rtol=1e-4, atol=1e-5)
             rho = stats.spearmanr(expected.ravel(), -np.tile(np.arange(6), 2)).statistic
             assert curve["level_srcc"] == pytest.approx(rho, abs=1e-6)
         assert set(levels["checkpoints"][label]) == set(DISTORTION_TYPES)
@@ -250,7 +251,7 @@ def test_arniqa_level_curves(files, tmp_path):
         clean = clean.permute(2, 0, 1)
         ladder = [clean] + [(arniqa.distort(clean.float() / 255, "darken", k) * 255).round().to(torch.uint8)
                             for k in range(1, 6)]
-        np.testing.assert_allclose(row, scorer(ladder).numpy(), atol=1e-6)
+        np.testing.assert_allclose(row, scorer(ladder).numpy(), rtol=1e-5, atol=1e-6)
 
 
 class TinyEncoder(torch.nn.Module):
@@ -263,7 +264,7 @@ class TinyEncoder(torch.nn.Module):
     def forward(self, x):
         return self.conv(x).mean(dim=(2, 3))
 
-    def score(self, x, text_features):
+    def zero_shot_quality(self, x, text_features):
         return zero_shot_score(self(x), text_features)
 
 
@@ -274,7 +275,8 @@ def whole_image_kind():
     def build(ckpt, source):
         encoder = TinyEncoder()
         encoder.load_state_dict(ckpt["encoder"])
-        return ZeroShotModel(encoder, ckpt["text_features"]), {"resize": 0, "patch_size": None, "test_patch_num": 1}
+        return ZeroShotModel(encoder, ckpt["text_features"]), {"resize": 0, "patch_size": None, "test_patch_num": 1,
+                                                               "score_meaning": "score: a test"}
 
     yield
     del CHECKPOINT_KINDS["test_whole_image"]

@@ -159,4 +159,9 @@ def test_zero_shot_has_no_mos_column(files, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_csv(output)
     assert rows[0] == ["image", "score"] and len(rows) == len(GOOD) + 1
-    assert all(0.0 <= float(r[1]) <= 1.0 for r in rows[1:])
+    # a Swin encoder's zero-shot score is its log-odds, and the run says so
+    expected = load_scorer(files["stage1"]).score_paths([files["photos"] / name for name in sorted(GOOD)])
+    assert [float(r[1]) for r in rows[1:]] == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-6)
+    assert "zero-shot log-odds" in proc.stdout
+    with open(f"{output}.json") as f:
+        assert json.load(f)["score_meaning"].startswith("score: zero-shot log-odds")

@@ -43,6 +43,24 @@ def test_score_is_two_way_softmax(encoder, images):
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_zero_shot_quality_is_the_log_odds_and_keeps_the_order_the_probability_loses(encoder, images):
+    """Anchors along the features' own directions give log-odds far past float32's softmax: every
+    probability is exactly 1.0 (a tie), the log-odds still tell the images apart."""
+    with torch.no_grad():
+        features = encoder(images)
+        unit = F.normalize(features, dim=-1)
+        # positive anchor: between the two feature directions (nearer the first); negative: orthogonal to both
+        negative = torch.randn(TEXT_DIM, generator=torch.Generator().manual_seed(5))
+        basis = torch.linalg.qr(torch.stack([unit[0], unit[1], negative], dim=1)).Q
+        text = torch.stack([0.7 * unit[0] + 0.3 * unit[1], basis[:, 2]])
+        quality = encoder.zero_shot_quality(images, text)
+        scores = encoder.score(images, text)
+    expected = 100 * (F.cosine_similarity(features, text[0:1], dim=-1) - F.cosine_similarity(features, text[1:2], dim=-1))
+    torch.testing.assert_close(quality, expected, atol=1e-4, rtol=1e-5)
+    assert (quality > 17).all() and (scores == 1.0).all()
+    assert quality[0] != quality[1]
+
+
 def test_checkpoint_round_trip(encoder, images, tmp_path):
     text = torch.randn(2, TEXT_DIM)
     prompts = [("Good photo.", "Bad photo.")]

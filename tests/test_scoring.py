@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from iqa.datasets import Sample
@@ -83,10 +84,16 @@ def test_stage1_pkl_scores_zero_shot_as_evaluation(files):
         None)
     encoder, text = QualityEncoder.from_checkpoint(safe_load(files["stage1"]), "encoder.pkl")
     encoder.eval()
-    expected = evaluation_scores(lambda x: encoder.score(x, text), files["images"], 240, 224, 2)
+
+    def log_odds(x):  # computed here from the features and the anchors, not by the library
+        unit = F.normalize(encoder(x), dim=-1)
+        anchors = F.normalize(text, dim=-1)
+        return 100 * (unit @ anchors[0] - unit @ anchors[1])
+
+    expected = evaluation_scores(log_odds, files["images"], 240, 224, 2)
     scores = scorer([as_float_tensor(p) for p in files["images"]])
-    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-7)
-    assert ((scores >= 0) & (scores <= 1)).all()
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
+    assert "log-odds" in scorer.score_meaning
     with pytest.raises(UserError, match="no MOS scale"):
         scorer.to_mos(scores)
 
@@ -161,7 +168,7 @@ def test_a_new_kind_registers_without_changing_load_scorer(files, tmp_path, monk
     def build(c, source):
         model = HyperIQASwin.from_checkpoint({"format": ckpt["format"], "model": c["state_dict"],
                                               "args": c["config"]}, source)
-        return model, {"resize": 256, "patch_size": 224, "test_patch_num": 3}
+        return model, {"resize": 256, "patch_size": 224, "test_patch_num": 3, "score_meaning": "score: a test"}
 
     scorer = load_scorer(release)
     assert isinstance(scorer, Scorer) and scorer.kind == "release" and scorer.mos_bounds is None
@@ -178,7 +185,8 @@ class MeanColour(torch.nn.Module):
 
 
 def test_whole_image_scorer_scores_each_full_image(files):
-    scorer = Scorer(MeanColour(), kind="test", resize=0, patch_size=None, test_patch_num=1)
+    scorer = Scorer(MeanColour(), kind="test", resize=0, patch_size=None, test_patch_num=1,
+                    score_meaning="score: a test")
     assert scorer.min_side == MIN_WHOLE_IMAGE_SIDE
     paths = files["images"] + [files["images"][0]]  # three sizes, one of them twice
     expected = []
@@ -202,7 +210,8 @@ def test_evaluate_scores_a_whole_image_scorer_through_its_predict(files):
     from iqa.evaluation import evaluate, make_eval_set, predict_images
     from iqa.metrics import all_metrics
 
-    scorer = Scorer(MeanColour(), kind="test", resize=0, patch_size=None, test_patch_num=1)
+    scorer = Scorer(MeanColour(), kind="test", resize=0, patch_size=None, test_patch_num=1,
+                    score_meaning="score: a test")
     assert scorer.predict is not predict_images
     samples = [Sample(str(p), mos, None, None) for p, mos in zip(files["images"], (3.0, 1.0, 2.0))]
     eval_set = make_eval_set("three", samples, 0, scorer.min_side, DistInfo())

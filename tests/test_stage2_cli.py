@@ -1,6 +1,7 @@
 """Stage-2 CLIs end to end on the demo datasets (subprocesses, CPU, nano models)."""
 import csv
 import json
+import math
 import os
 import shutil
 
@@ -186,4 +187,5 @@ def test_predict_zero_shot_with_a_stage1_encoder(stage1_pkl, photo_folder, tmp_p
         reader = csv.DictReader(f)
         scores = [float(r["score"]) for r in reader]
     assert reader.fieldnames == ["image", "score"]  # zero-shot scores have no MOS scale
-    assert len(scores) == 7 and all(0.0 <= s <= 1.0 for s in scores)
+    assert len(scores) == 7 and all(math.isfinite(s) for s in scores)  # log-odds: unbounded
+    assert "zero-shot log-odds" in proc.stdout
