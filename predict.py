@@ -16,8 +16,8 @@ image at full resolution, as QualiCLIP's inference).
 For large folders (searched recursively): images are decoded and scored ``--chunk_size`` at a
 time and each chunk's rows are appended to ``--output`` (flushed to disk) as soon as it is done,
 so a stopped run keeps what it scored and ``--resume`` finishes it, skipping the images already
-in the CSV.  The settings are kept in ``<output>.json`` and a resume with another checkpoint or
-crop count is refused.  An image that does not decode (truncated, empty, not an image) is
+in the CSV.  The settings are kept in ``<output>.json`` and a resume with another checkpoint,
+crop count or score meaning is refused.  An image that does not decode (truncated, empty, not an image) is
 skipped and listed with the reason in ``<output stem>_unreadable.csv``; ``--strict`` stops at
 the first one instead.
 """
@@ -31,7 +31,8 @@ from iqa.evaluation import csv_text
 from iqa.runtime import UserError, amp_dtype, append_text, atomic_write_json, resolve_device, run_cli
 from iqa.scoring import CHUNK_SIZE, add_scoring_arguments, check_new_output, check_scoring_arguments, load_scorer
 
-RESUME_CHECKED = ("checkpoint", "resize", "patch_size", "test_patch_num")  # settings a resumed run must share
+# Settings a resumed run must share; score_meaning too, so that scores of two scales never share a CSV.
+RESUME_CHECKED = ("checkpoint", "resize", "patch_size", "test_patch_num", "score_meaning")
 
 
 def get_args_parser():

@@ -125,6 +125,24 @@ def test_resume_scores_only_what_is_missing(files, tmp_path):
     assert [r[0] for r in read_csv(tmp_path / "partial_unreadable.csv")[1:]] == [BAD]  # tried again
 
 
+def test_resume_refuses_scores_of_another_meaning(tmp_path):
+    """A CSV begun when a checkpoint kind's scores meant something else (e.g. a Stage-1 Swin encoder's
+    probability, before it was scored by its log-odds) is not continued with the new scale."""
+    from predict import RESUME_CHECKED, scored_names, settings_path
+
+    output = tmp_path / "scores.csv"
+    header = ["image", "score"]
+    settings = {key: 1 for key in RESUME_CHECKED} | {"score_meaning": "score: zero-shot log-odds"}
+    output.write_text("image,score\na.png,0.5\n")
+    with open(settings_path(output), "w") as f:
+        json.dump(settings | {"score_meaning": "score: a probability in [0, 1]"}, f)
+    with pytest.raises(UserError, match="score_meaning 'score: a probability"):
+        scored_names(str(output), settings, header)
+    with open(settings_path(output), "w") as f:
+        json.dump(settings, f)
+    assert scored_names(str(output), settings, header) == {"a.png"}
+
+
 @pytest.mark.slow
 def test_a_killed_run_keeps_its_chunks_and_resumes(files, tmp_path):
     output = tmp_path / "scores.csv"
