@@ -9,9 +9,10 @@ and ``mos``, that score mapped onto the training dataset's MOS range.  A Stage-1
 gives the zero-shot log-odds ``100 x (cos_pos - cos_neg)`` as ``score`` (unbounded; the
 probability of the positive prompt saturates at 1.0 for a trained encoder) and no ``mos``; a CLIP
 encoder ``.pkl`` and QualiCLIP's released ``qualiclip.pth`` give QualiCLIP's probability in
-[0, 1].  The run prints which, and ``<output>.json`` records it as ``score_meaning``.  Each image is scored by ``iqa.scoring`` exactly as
-evaluation scores it (mean over grid crops; CLIP image encoders, the release included: the whole
-image at full resolution, as QualiCLIP's inference).
+[0, 1].  The run prints which, and ``<output>.json`` records it as ``score_meaning``.  Each
+image is scored by ``iqa.scoring`` exactly as evaluation scores it (mean over grid crops; CLIP
+image encoders, the release included: the whole image at full resolution, as QualiCLIP's
+inference).
 
 For large folders (searched recursively): images are decoded and scored ``--chunk_size`` at a
 time and each chunk's rows are appended to ``--output`` (flushed to disk) as soon as it is done,

@@ -47,6 +47,8 @@ from models.swin_backbone import NATIVE_IMG_SIZE
 
 DEFAULT_BATCH_SIZE = 64
 CHUNK_SIZE = 256          # images decoded at a time by score_paths, so a long list never sits in memory at once
+# What each kind's scores are (Scorer.score_meaning), printed by predict.py beside its CSV.
+TRAINING_SCALE_MEANING = "score: the model's output on its [0, 1] training scale (higher = better)"
 LOG_ODDS_MEANING = ("score: zero-shot log-odds 100 x (cos_pos - cos_neg), unbounded, mean over the prompt pairs "
                     "(higher = better; with one pair, sigmoid(score) is the positive prompt's probability)")
 PROBABILITY_MEANING = "score: QualiCLIP's probability of the positive prompts, in [0, 1] (higher = better)"
@@ -241,7 +243,7 @@ def build_hyperiqa_swin(ckpt, source):
     return HyperIQASwin.from_checkpoint(ckpt, source), {
         "resize": other_dataset_resize(args["resize"]), "patch_size": args["patch_size"],
         "test_patch_num": args["test_patch_num"], "mos_bounds": ckpt["mos_bounds"],
-        "score_meaning": "score: the model's output on its [0, 1] training scale (higher = better)",
+        "score_meaning": TRAINING_SCALE_MEANING,
     }
 
 

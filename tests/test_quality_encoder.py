@@ -55,7 +55,8 @@ def test_zero_shot_quality_is_the_log_odds_and_keeps_the_order_the_probability_l
         text = torch.stack([0.7 * unit[0] + 0.3 * unit[1], basis[:, 2]])
         quality = encoder.zero_shot_quality(images, text)
         scores = encoder.score(images, text)
-    expected = 100 * (F.cosine_similarity(features, text[0:1], dim=-1) - F.cosine_similarity(features, text[1:2], dim=-1))
+    cos_pos = F.cosine_similarity(features, text[0:1], dim=-1)
+    expected = 100 * (cos_pos - F.cosine_similarity(features, text[1:2], dim=-1))
     torch.testing.assert_close(quality, expected, atol=1e-4, rtol=1e-5)
     assert (quality > 17).all() and (scores == 1.0).all()
     assert quality[0] != quality[1]
