@@ -27,7 +27,7 @@ from tqdm import tqdm
 from iqa.datasets import load_rgb
 from iqa.patches import resized_size, to_model_input
 from iqa.runtime import UserError, autocast
-from models.quality_encoder import zero_shot_logits
+from models.quality_encoder import zero_shot_log_odds
 from qualiclip_pretrain import arniqa
 from qualiclip_pretrain.degradation_generator import NUM_LEVELS, SyntheticDegradation
 from qualiclip_pretrain.pretrain_dataset import pil_to_uint8_tensor
@@ -129,8 +129,7 @@ def level_ranking_accuracy(model, text_features, image_paths, distortion_types, 
                                  for i, path in enumerate(chunk)])
             with autocast(device, amp_dtype):
                 features = model(to_model_input(crops.flatten(0, 2), device, channels_last))
-            logits = zero_shot_logits(features, text_features)
-            log_odds.append((logits[:, 0] - logits[:, 1]).double().cpu().view(len(chunk), len(types), -1))
+            log_odds.append(zero_shot_log_odds(features, text_features).double().cpu().view(len(chunk), len(types), -1))
     finally:
         model.train(was_training)
     log_odds = torch.cat(log_odds)
