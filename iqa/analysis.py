@@ -218,10 +218,16 @@ def run_ladders(checkpoints, images, family, opts_of, seed, features_of=None):
     return scores, features
 
 
-def level_curve_data(family, scores, image_paths, degrade_resize):
+def level_curve_data(family, scores, image_paths, degrade_resize, score_meanings):
     """The JSON of a level figure: per checkpoint and distortion the scores, their mean and spread per
     level, and ``level_srcc``: SRCC of score against minus the level over all (image, level) pairs
-    (positive when the score falls as the distortion grows)."""
+    (positive when the score falls as the distortion grows). ``score_meanings``: label -> the
+    checkpoint's ``Scorer.score_meaning``, kept as ``score_meanings``.
+
+    When the checkpoints' scores mean different things (a Stage-2 score in [0, 1] beside a Stage-1
+    encoder's unbounded log-odds), one axis would flatten all but one of them: the figure then draws
+    every checkpoint standardised by the mean and sample std of all its scores in this figure
+    (``standardised``: label -> ``{"mean", "std"}``); the numbers above stay the raw scores."""
     checkpoints = {}
     for label, per_name in scores.items():
         checkpoints[label] = {}
@@ -231,9 +237,29 @@ def level_curve_data(family, scores, image_paths, degrade_resize):
                 "mean": values.mean(axis=0).tolist(), "std": values.std(axis=0, ddof=1).tolist(),
                 "level_srcc": srcc(values.ravel(), -levels.ravel()), "scores": values.tolist(),
             }
+    meanings = {label: score_meanings[label] for label in scores}
+    standardised = None
+    if len(set(meanings.values())) > 1:
+        standardised = {}
+        for label, per_name in scores.items():
+            every = np.concatenate([values.ravel() for values in per_name.values()])
+            standardised[label] = {"mean": float(every.mean()), "std": float(every.std(ddof=1))}
     return {"levels": LEVELS, "spread": SPREAD, "degrade_resize": degrade_resize, "images": list(image_paths),
             "groups": family.groups, "params": {n: family.params[n] for n in family.names},
-            "checkpoints": checkpoints}
+            "score_meanings": meanings, "standardised": standardised, "checkpoints": checkpoints}
+
+
+def drawn_curves(data):
+    """(label -> name -> (mean, std) per level as drawn, y-axis label): the raw curves, or each
+    checkpoint's standardised ones (``level_curve_data``) when ``data['standardised']`` is set."""
+    drawn = {}
+    for label, per_name in data["checkpoints"].items():
+        scale = (data["standardised"] or {}).get(label)
+        centre, unit = (scale["mean"], scale["std"] or 1.0) if scale else (0.0, 1.0)
+        drawn[label] = {name: ((np.asarray(curve["mean"]) - centre) / unit, np.asarray(curve["std"]) / unit)
+                        for name, curve in per_name.items()}
+    ylabel = "standardised score (mean ± std)" if data["standardised"] else "score (mean ± std)"
+    return drawn, ylabel
 
 
 # ----------------------------------------------------------------------------- figures
@@ -251,22 +277,22 @@ def plot_level_curves(data, out_dir, stem):
     # Constrained layout keeps the suptitle clear of the top row's panel titles.
     fig, axes = plt.subplots(len(rows), cols, figsize=(3.2 * cols, 2.8 * len(rows)), squeeze=False,
                              layout="constrained")
+    drawn, ylabel = drawn_curves(data)
     for r, (group, names) in enumerate(rows):
         for c in range(cols):
             ax = axes[r][c]
             if c >= len(names):
                 ax.axis("off")
                 continue
-            for label, per_name in data["checkpoints"].items():
-                curve = per_name[names[c]]
-                mean, std = np.asarray(curve["mean"]), np.asarray(curve["std"])
+            for label, per_name in drawn.items():
+                mean, std = per_name[names[c]]
                 line, = ax.plot(LEVELS, mean, marker="o", label=label)
                 ax.fill_between(LEVELS, mean - std, mean + std, color=line.get_color(), alpha=0.2)
             ax.set_title(names[c] if len(rows) == 1 else f"{group}: {names[c]}", fontsize=9)
             ax.set_xticks(LEVELS)
             ax.grid(alpha=0.3)
             if c == 0:
-                ax.set_ylabel("score (mean ± std)")
+                ax.set_ylabel(ylabel)
             if r == len(rows) - 1 or c >= len(rows[r + 1][1]):
                 ax.set_xlabel("level (0 = clean)")
     axes[0][0].legend(fontsize=7)
@@ -471,8 +497,20 @@ def level_section(data):
     return [f"Mean score per level over {len(data['images'])} images (band: {SPREAD}); level SRCC: SRCC of "
             f"score against minus the level (positive: the score falls as the distortion grows).", "",
             *_table(["checkpoint", "distortion", *map(str, LEVELS), "level SRCC"], rows), "",
+            *standardised_note(data),
             "Parameters of levels 1..5:", *(f"- {name}: {', '.join(map(str, params))}"
                                             for name, params in data["params"].items())]
+
+
+def standardised_note(data):
+    """Report lines saying what each checkpoint's scores are and, when the figure standardises them, how."""
+    if not data["standardised"]:
+        return []
+    return ["The checkpoints' scores mean different things, so the figure draws each one as (score − m) / s, "
+            "m and s the mean and sample std (ddof 1) of all its scores in the figure; the table above is raw:",
+            *(f"- {label}: {meaning} (m = {data['standardised'][label]['mean']:.4g}, "
+              f"s = {data['standardised'][label]['std']:.4g})" for label, meaning in data["score_meanings"].items()),
+            ""]
 
 
 def attention_section(data, skipped):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import stats
 
-from iqa.analysis import embed
+from iqa.analysis import drawn_curves, embed
 from iqa.patches import IMAGENET_MEAN, IMAGENET_STD, grid_offsets
 from iqa.runtime import UserError, safe_load
 from iqa.scoring import CHECKPOINT_KINDS, ZeroShotModel, has_format, load_scorer, register_kind
@@ -148,6 +148,27 @@ def test_level_curve_equals_scoring_the_degraded_images_directly(run):
 
 
 @pytest.mark.slow
+def test_level_figure_standardises_scores_of_different_meanings(run):
+    levels = run["levels"]
+    meanings = {label: scorer_of(path).score_meaning for label, path in (("hyper", run["stage2"]),
+                                                                         ("zero_shot", run["stage1"]))}
+    assert levels["score_meanings"] == meanings and len(set(meanings.values())) == 2
+    drawn, ylabel = drawn_curves(levels)
+    assert ylabel.startswith("standardised")
+    for label, per_name in levels["checkpoints"].items():
+        every = np.concatenate([np.ravel(curve["scores"]) for curve in per_name.values()])
+        m, s = every.mean(), every.std(ddof=1)
+        assert levels["standardised"][label]["mean"] == pytest.approx(m, rel=1e-9)
+        assert levels["standardised"][label]["std"] == pytest.approx(s, rel=1e-9)
+        for name, curve in per_name.items():
+            scores = np.array(curve["scores"])
+            np.testing.assert_allclose(drawn[label][name][0], ((scores - m) / s).mean(axis=0), rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(drawn[label][name][1], ((scores - m) / s).std(axis=0, ddof=1), rtol=1e-5)
+    report = (run["out"] / "report.md").read_text()
+    assert all(meaning in report for meaning in meanings.values()) and "(score − m) / s" in report
+
+
+@pytest.mark.slow
 def test_attention_weights_equal_a_hand_forward(run):
     model = HyperIQASwin.from_checkpoint(safe_load(run["stage2"]), "best.pt").eval()
     mlp = model.stage_attention.mlp
@@ -241,6 +262,11 @@ def test_arniqa_level_curves(files, tmp_path):
             "--arniqa", "--degrade_resize", 128, "--test_patch_num", 1, "--output_dir", out)
     data = json.loads((out / "levels_arniqa.json").read_text())
     assert data["groups"] == {k: list(v) for k, v in arniqa.DISTORTION_GROUPS.items()}
+    # One checkpoint, one meaning: the figure draws the raw scores.
+    assert data["standardised"] is None
+    drawn, ylabel = drawn_curves(data)
+    assert ylabel == "score (mean ± std)"
+    np.testing.assert_array_equal(drawn["encoder.pkl"]["darken"][0], data["checkpoints"]["encoder.pkl"]["darken"]["mean"])
     with Image.open(out / "levels_arniqa.png") as png:
         png.load()
     scorer = load_scorer(run["stage1"])

@@ -110,6 +110,7 @@ def main(args):
         return scorer.options(args.batch_size, amp, args.num_workers)
 
     decoded = analysis.DecodedImages()
+    meanings = {c.label: c.scorer.score_meaning for c in checkpoints}
     sections, synthetic = [], None
     feature_fns = ({c.label: analysis.encoder_features(c) for c in checkpoints} if "feature_map" in figures
                    else None)
@@ -118,12 +119,14 @@ def main(args):
         scores, synthetic = analysis.run_ladders(checkpoints, clean, analysis.FOUR_TYPES, opts_of, args.seed,
                                                  feature_fns)
         if "levels" in figures:
-            data = analysis.level_curve_data(analysis.FOUR_TYPES, scores, level_paths, args.degrade_resize)
+            data = analysis.level_curve_data(analysis.FOUR_TYPES, scores, level_paths, args.degrade_resize,
+                                              meanings)
             png = analysis.plot_level_curves(data, args.output_dir, analysis.FOUR_TYPES.stem)
             sections.append(("Quality vs. degradation level", png, analysis.level_section(data)))
         if args.arniqa and "levels" in figures:
             scores, _ = analysis.run_ladders(checkpoints, clean, analysis.ARNIQA, opts_of, args.seed)
-            data = analysis.level_curve_data(analysis.ARNIQA, scores, level_paths, args.degrade_resize)
+            data = analysis.level_curve_data(analysis.ARNIQA, scores, level_paths, args.degrade_resize,
+                                              meanings)
             png = analysis.plot_level_curves(data, args.output_dir, analysis.ARNIQA.stem)
             sections.append(("Quality vs. degradation level: ARNIQA distortions", png, analysis.level_section(data)))
     if "attention" in figures:
