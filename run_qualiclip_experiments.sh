@@ -26,7 +26,7 @@ usage: ./run_qualiclip_experiments.sh [options] [-- extra flags for every train_
   --kadid_root DIR       KADID-10k root (default ./kadid-10k, used if present)
   --agiqa_root DIR       AGIQA-3K root (default ./agiqa-3k, used if present)
   --livec_root DIR       LIVE Challenge root (default ./livec, used if present)
-  --model_size SIZE      nano|tiny|small|base (default base)
+  --model_size SIZE      nano|nano48|tiny|small|base (default base; nano and nano48: random init)
   --epochs_pretrain N    Stage-1 epochs (default 10)
   --epochs N             Stage-2 epochs per model (default 50; with --protocol hyperiqa
                          train_swin.py's default for it, 16)
@@ -161,7 +161,7 @@ if [ "$DEMO" = 1 ]; then
   FINETUNE_FLAGS+=(--batch_size 16 --train_patch_num 4 --test_patch_num 2 --num_workers 0 --lr 3e-4 --lr_ratio 3
                    --lr_encoder_pretrained 1e-4 --no_early_stopping)
 fi
-if [ "$MODEL_SIZE" = nano ]; then
+if [ "$MODEL_SIZE" = nano ] || [ "$MODEL_SIZE" = nano48 ]; then
   PRETRAIN_FLAGS+=(--no_imagenet_pretrained)
   FINETUNE_FLAGS+=(--no_imagenet_pretrained)
 fi

@@ -1,6 +1,8 @@
 """timm Swin Transformer backbone giving the four stages as NCHW feature maps.
 
-Sizes: ``nano`` (random init, tests/demo only), ``tiny``, ``small``, ``base``.  The backbone's
+Sizes: ``nano`` (random init, tests/demo only), ``nano48`` (``nano`` 1.5× as wide, random init: the
+width at which a CPU Stage 1 learns blur, JPEG and noise together, docs/stage1_notes.md), ``tiny``,
+``small``, ``base``.  The backbone's
 ``swin`` attribute is a plain timm ``SwinTransformer`` with ``num_classes=0``, so its state
 dict has timm's own key names and loads into ``timm.create_model(name, num_classes=0)``.
 """
@@ -14,11 +16,13 @@ from iqa.runtime import UserError, safe_load
 
 SWIN_CONFIGS = {
     "nano": dict(name="swin_tiny_patch4_window7_224", embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
+    "nano48": dict(name="swin_tiny_patch4_window7_224", embed_dim=48, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
     "tiny": dict(name="swin_tiny_patch4_window7_224"),
     "small": dict(name="swin_small_patch4_window7_224"),
     "base": dict(name="swin_base_patch4_window7_224"),
 }
 MODEL_SIZES = tuple(SWIN_CONFIGS)
+RANDOM_INIT_SIZES = ("nano", "nano48")  # no ImageNet weights exist for these
 
 OFFLINE_ADVICE = (
     "pass --backbone_weights FILE (a timm Swin-{size} state dict, .pth/.safetensors) or "
@@ -114,8 +118,9 @@ class SwinBackbone(nn.Module):
 
     def _load_imagenet(self):
         name = SWIN_CONFIGS[self.model_size]["name"]
-        if self.model_size == "nano":
-            raise UserError("Swin-nano has no ImageNet weights (tests/demo only); add --no_imagenet_pretrained")
+        if self.model_size in RANDOM_INIT_SIZES:
+            raise UserError(f"Swin-{self.model_size} has no ImageNet weights (random init only); "
+                            "add --no_imagenet_pretrained")
         try:
             pretrained = timm.create_model(name, pretrained=True, num_classes=0)
         except Exception as err:

@@ -92,3 +92,28 @@ def test_from_checkpoint_rejects_other_formats():
         QualityEncoder.from_checkpoint({"format": "something-else/2"}, "other.pkl")
     with pytest.raises(UserError, match="not a Stage-1 encoder checkpoint"):
         QualityEncoder.from_checkpoint({"patch_embed.proj.weight": torch.zeros(1)}, "bare.pth")
+
+
+def test_nano48_is_nano_at_one_and_a_half_times_the_width(tmp_path):
+    """``nano48``: nano's depths and heads at embed_dim 48; random init only; its Stage-1 .pkl
+    restores as nano48 and fits a Stage-2 nano48 but not a nano."""
+    from models.hyperiqa_swin import HyperIQASwin
+    from models.swin_backbone import SwinBackbone
+
+    torch.manual_seed(0)
+    wide = QualityEncoder("nano48", text_dim=TEXT_DIM, imagenet_pretrained=False)
+    narrow = create_swin("nano")
+    assert wide.backbone.channels == [48, 96, 192, 384]
+    assert [len(stage.blocks) for stage in wide.backbone.swin.layers] == [len(s.blocks) for s in narrow.layers]
+    assert [stage.blocks[0].attn.num_heads for stage in wide.backbone.swin.layers] == [1, 2, 4, 8]
+    with pytest.raises(UserError, match="Swin-nano48 has no ImageNet weights.*--no_imagenet_pretrained"):
+        SwinBackbone("nano48", imagenet_pretrained=True)
+
+    path = tmp_path / "swin_nano48_qualiclip_pretrained.pkl"
+    torch.save(wide.checkpoint_dict(torch.randn(2, TEXT_DIM), [], {}), path)
+    restored, _ = QualityEncoder.from_checkpoint(torch.load(path, weights_only=True), str(path))
+    assert restored.model_size == "nano48" and restored.backbone.channels[0] == 48
+    assert HyperIQASwin("nano48", imagenet_pretrained=False).load_pretrained_encoder(str(path)) == len(
+        restored.backbone.swin.state_dict())
+    with pytest.raises(UserError, match="--model_size"):
+        HyperIQASwin("nano", imagenet_pretrained=False).load_pretrained_encoder(str(path))
