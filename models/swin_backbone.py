@@ -1,8 +1,8 @@
 """timm Swin Transformer backbone giving the four stages as NCHW feature maps.
 
-Sizes: ``nano`` (random init, tests/demo only), ``nano48`` (``nano`` 1.5× as wide, random init: the
-width at which a CPU Stage 1 learns blur, JPEG and noise together, docs/stage1_notes.md), ``tiny``,
-``small``, ``base``.  The backbone's
+Sizes: ``nano`` (random init, tests/demo only), ``nano48`` (``nano`` 1.5× as wide, random init: on
+the demo its Stage 1 ranks JPEG better than ``nano``'s, docs/stage1_notes.md), ``tiny``, ``small``,
+``base``.  The backbone's
 ``swin`` attribute is a plain timm ``SwinTransformer`` with ``num_classes=0``, so its state
 dict has timm's own key names and loads into ``timm.create_model(name, num_classes=0)``.
 """
